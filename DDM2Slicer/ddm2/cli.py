@@ -1,0 +1,183 @@
+"""The `ddm2` command (stdlib argparse: the worker also runs inside Slicer's Python).
+
+Exit codes: 0 done; 1 runtime failure; 2 bad input or usage; 75 cancelled (resume with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from pathlib import Path
+
+from ddm2 import __version__
+from ddm2.progress import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, Cancelled, Reporter
+
+
+def _add_input(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="4-D NIfTI (.nii/.nii.gz, FSL bval/bvec beside it) or DWI NRRD (.nrrd/.nhdr)")
+    parser.add_argument("--bval", help="FSL b-value file (default: INPUT's stem + .bval)")
+    parser.add_argument("--bvec", help="FSL b-vector file (default: INPUT's stem + .bvec)")
+
+
+def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_steps: int) -> None:
+    from ddm2.pipeline import METHODS
+    from ddm2.sampler import SAMPLERS
+
+    group = parser.add_argument_group("method")
+    group.add_argument("--n", type=int, default=2, help="neighbour volumes fed to Stage I (default 2)")
+    group.add_argument("--stage1-steps", type=int, default=stage1_steps, help=f"Stage I steps (default {stage1_steps})")
+    group.add_argument("--stage3-steps", type=int, default=stage3_steps, help=f"Stage III steps (default {stage3_steps})")
+    group.add_argument("--preset", choices=["auto", "paper", "small"], default="auto",
+                       help="network size: paper (24 M parameters) or small; auto: paper on CUDA, small on CPU")
+    group.add_argument("--method", choices=METHODS, default="directional",
+                       help="directional (default): Stage I is told the gradient directions and uses the "
+                            "angularly closest volumes; paper: adjacent volumes, no directions")
+    group.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                       help="ddpm: every state from t* (the paper); ddim: --sampling-steps deterministic steps")
+    group.add_argument("--sampling-steps", type=int, default=20, help="steps of the ddim sampler (default 20)")
+    group.add_argument("--flips", action="store_true", help="average F over 4 flips at every step (4x slower)")
+    group.add_argument("--batch-size", type=int, default=0, help="training batch (default: 32 paper, 8 small)")
+    group.add_argument("--learning-rate", type=float, default=0.0, help="Adam rate (default: 1e-4 paper, 1e-3 small)")
+    group.add_argument("--inference-batch", type=int, default=64, help="slices per inference batch (default 64)")
+    group.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:K")
+    run.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every K steps (default 500)")
+    run.add_argument("--progress", choices=["text", "json"], default="text",
+                     help="json: one JSON event per line on stdout (logs stay on stderr)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+
+def _settings(args: argparse.Namespace, **extra):
+    from ddm2.pipeline import Settings
+
+    return Settings(n=args.n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, preset=args.preset,
+                    seed=args.seed, method=args.method, batch_size=args.batch_size,
+                    learning_rate=args.learning_rate, sampler=args.sampler, sampling_steps=args.sampling_steps,
+                    flips=args.flips, checkpoint_every=args.checkpoint_every,
+                    inference_batch=args.inference_batch, **extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddm2", description="DDM2 self-supervised denoising of diffusion MRI")
+    parser.add_argument("--version", action="version", version=f"ddm2 {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    denoise = commands.add_parser("denoise", help="denoise a DWI (Stages I, II, III and inference)")
+    _add_input(denoise)
+    denoise.add_argument("--out", required=True, help="run directory: outputs, checkpoints, run.json")
+    denoise.add_argument("--save-stage1", action="store_true", help="also write Stage I's estimate (stage1.nii.gz)")
+    denoise.add_argument("--no-report", action="store_true", help="skip the QC report")
+    _add_training(denoise, stage1_steps=1000, stage3_steps=1000)
+
+    demo = commands.add_parser("demo", help="denoise the embedded phantom and score it against its truth")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    demo.add_argument("--snr", type=float, default=10.0, help="phantom SNR (default 10)")
+    demo.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
+    _add_training(demo, stage1_steps=600, stage3_steps=600)
+
+    phantom = commands.add_parser("phantom", help="write the synthetic phantom (noisy and truth) as NIfTI")
+    phantom.add_argument("--out", required=True, help="folder for noisy.nii.gz, truth.nii.gz and their bval/bvec")
+    phantom.add_argument("--snr", type=float, default=10.0)
+    phantom.add_argument("--shape", type=int, nargs=3, default=(64, 64, 8), metavar=("X", "Y", "Z"))
+    phantom.add_argument("--gradients", default="default",
+                         help="'default' (2 b0 + 30 directions, b=1000) or a table dipy ships, e.g. small_64D")
+    phantom.add_argument("--seed", type=int, default=0)
+
+    maps = commands.add_parser("maps", help="brain mask and DTI maps (FA, MD, AD, RD, colour FA)")
+    _add_input(maps)
+    maps.add_argument("--out", required=True, help="folder for the maps")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    reporter = Reporter(json_events=getattr(args, "progress", "text") == "json")
+    from ddm2.dwi import InputError
+
+    try:
+        return COMMANDS[args.command](args, reporter)
+    except InputError as error:
+        return _fail(reporter, str(error), EXIT_BAD_INPUT)
+    except Cancelled:
+        out = getattr(args, "out", "")
+        reporter.log(f"cancelled; continue with the same command and --resume (run directory {out})")
+        reporter.event("cancelled", run_dir=str(Path(out).resolve()))
+        return EXIT_CANCELLED
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            return _fail(reporter, f"disk full while writing {error.filename or 'the outputs'}: free space "
+                         "there (or choose another --out) and resume with --resume", EXIT_FAILURE)
+        return _fail(reporter, f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), EXIT_FAILURE)
+    except MemoryError:
+        return _fail(reporter, "out of memory: use a smaller --inference-batch or --batch-size", EXIT_FAILURE)
+    except RuntimeError as error:
+        if "out of memory" in str(error).lower():
+            return _fail(reporter, "GPU out of memory: lower --batch-size and --inference-batch, use "
+                         "--preset small, or --device cpu; then resume with --resume", EXIT_FAILURE)
+        raise
+
+
+def _fail(reporter: Reporter, message: str, code: int) -> int:
+    reporter.log(f"error: {message}")
+    reporter.event("error", message=message)
+    return code
+
+
+def run_denoise(args: argparse.Namespace, reporter: Reporter) -> int:
+    from ddm2.pipeline import denoise
+
+    settings = _settings(args, save_stage1=args.save_stage1, write_report=not args.no_report)
+    result = denoise(args.input, args.out, settings, reporter, bval=args.bval, bvec=args.bvec,
+                     device=args.device, resume=args.resume)
+    reporter.log(f"done: outputs in {Path(args.out).resolve()}")
+    reporter.event("done", outputs=result.outputs)
+    return EXIT_OK
+
+
+def run_demo(args: argparse.Namespace, reporter: Reporter) -> int:
+    from ddm2.demo import run_demo as demo
+
+    settings = _settings(args, save_stage1=True)
+    table = demo(Path(args.out), settings, reporter, snr=args.snr, device=args.device, resume=args.resume,
+                 baselines=not args.no_baselines)
+    print(table)
+    return EXIT_OK
+
+
+def run_phantom(args: argparse.Namespace, reporter: Reporter) -> int:
+    from ddm2 import dwi as dwi_io
+    from ddm2.phantom import default_gradient_table, dipy_gradient_table, make_phantom
+
+    bvals, bvecs = default_gradient_table() if args.gradients == "default" else dipy_gradient_table(args.gradients)
+    phantom = make_phantom(tuple(args.shape), bvals, bvecs, snr=args.snr, seed=args.seed)
+    out = Path(args.out)
+    dwi_io.save_nifti(phantom.noisy, out / "noisy.nii.gz")
+    dwi_io.save_nifti(phantom.truth, out / "truth.nii.gz")
+    dwi_io.save_volume(phantom.mask.astype("float32"), phantom.noisy.affine, out / "mask.nii.gz")
+    dwi_io.save_volume(phantom.fa, phantom.noisy.affine, out / "fa_truth.nii.gz")
+    reporter.log(f"phantom {phantom.noisy.data.shape} at SNR {args.snr:g} written to {out.resolve()}")
+    return EXIT_OK
+
+
+def run_maps(args: argparse.Namespace, reporter: Reporter) -> int:
+    from ddm2 import dwi as dwi_io
+    from ddm2.maps import brain_mask, dti_maps
+
+    dwi = dwi_io.load(args.input, args.bval, args.bvec)
+    out = Path(args.out)
+    mask = brain_mask(dwi.data, dwi.bvals)
+    outputs = {"mask": dwi_io.save_volume(mask.astype("float32"), dwi.affine, out / "mask.nii.gz")}
+    for name, volume in dti_maps(dwi.data, dwi.bvals, dwi.bvecs_voxel(), mask=mask).items():
+        outputs[name] = dwi_io.save_volume(volume, dwi.affine, out / f"{name}.nii.gz")
+    reporter.event("done", outputs={k: str(v.resolve()) for k, v in outputs.items()})
+    reporter.log(f"maps written to {out.resolve()}")
+    return EXIT_OK
+
+
+COMMANDS = {"denoise": run_denoise, "demo": run_demo, "phantom": run_phantom, "maps": run_maps}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Normalisation, shells, neighbour volumes and gradient encodings: what the stages are fed.
+
+Slices are axial: slice z of volume v is ``data[:, :, z, v]``. Inside the stages a shell is held as
+an array of shape (V, Z, H, W) = (volumes, slices, x, y).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ddm2.dwi import B0_THRESHOLD
+
+SHELL_TOLERANCE = 100.0  # s/mm^2: b-values closer than this belong to one shell
+
+
+# ----------------------------------------------------------------------------------- normalisation
+
+def normalise_volumes(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map each volume to [-1, 1] by its own maximum, as the authors do: u = 2 v / max - 1.
+
+    Parameters
+    ----------
+    data : (X, Y, Z, N) array, non-negative magnitudes.
+
+    Returns
+    -------
+    normalised : float32 array of the same shape.
+    scales : (N,) float64 maxima (1 for an all-zero volume), the argument of ``denormalise_volumes``.
+    """
+    data = np.asarray(data)
+    scales = data.reshape(-1, data.shape[-1]).max(axis=0).astype(np.float64)
+    scales[scales <= 0] = 1.0
+    return (2.0 * data / scales - 1.0).astype(np.float32), scales
+
+
+def denormalise_volumes(normalised: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The exact inverse of ``normalise_volumes``: back to the input's intensity units (float32)."""
+    return ((np.asarray(normalised, dtype=np.float64) + 1.0) * 0.5 * np.asarray(scales)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ shells
+
+@dataclass(frozen=True)
+class Shell:
+    """Volumes denoised together by one set of models."""
+
+    name: str  # "b0", "b1000", ...
+    b_value: float
+    indices: tuple[int, ...]  # volume indices in the input's order
+
+    @property
+    def is_b0(self) -> bool:
+        return self.b_value <= B0_THRESHOLD
+
+
+def group_shells(bvals: np.ndarray, tolerance: float = SHELL_TOLERANCE) -> list[Shell]:
+    """Group volumes into the b = 0 set and shells of similar b-value, in ascending b."""
+    bvals = np.asarray(bvals, dtype=np.float64)
+    order = np.argsort(bvals, kind="stable")
+    groups: list[list[int]] = []
+    for index in order:
+        b = bvals[index]
+        same_as_last = groups and (b <= B0_THRESHOLD) == (bvals[groups[-1][0]] <= B0_THRESHOLD) and \
+            b - bvals[groups[-1][-1]] <= tolerance
+        if same_as_last:
+            groups[-1].append(int(index))
+        else:
+            groups.append([int(index)])
+    shells = []
+    for members in groups:
+        b = float(np.round(np.median(bvals[members])))
+        name = "b0" if b <= B0_THRESHOLD else f"b{int(round(b, -1)) if b >= 100 else int(b)}"
+        shells.append(Shell(name, b, tuple(sorted(members))))
+    return shells
+
+
+# ---------------------------------------------------------------------------------- neighbours
+
+def adjacent_neighbours(n_volumes: int, n: int) -> np.ndarray:
+    """The authors' neighbours: volumes v-p..v-1, v+1..v+p in acquisition order, wrapping around
+    (one more on the left when n is odd, so n = 1 is volume v - 1)."""
+    left = (n + 1) // 2
+    right = n // 2
+    offsets = [-k for k in range(left, 0, -1)] + list(range(1, right + 1))
+    return np.array([[(v + o) % n_volumes for o in offsets] for v in range(n_volumes)], dtype=np.int64)
+
+
+def angular_neighbours(bvecs: np.ndarray, n: int) -> np.ndarray:
+    """For each volume, the n other volumes whose gradient directions are closest in angle.
+
+    Diffusion signal is antipodally symmetric, so the angle between g and -g is zero: closeness is
+    |g_v . g_u|. Ties are broken by acquisition order, so the table is deterministic.
+    """
+    bvecs = np.asarray(bvecs, dtype=np.float64)
+    similarity = np.abs(bvecs @ bvecs.T)
+    np.fill_diagonal(similarity, -np.inf)
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    return order[:, :n].astype(np.int64)
+
+
+def neighbour_table(bvecs: np.ndarray, n: int, mode: str) -> np.ndarray:
+    """(V, n) indices (within the shell) of the volumes that predict each volume in Stage I."""
+    n_volumes = len(bvecs)
+    if not 1 <= n <= n_volumes - 1:
+        raise ValueError(f"n = {n} needs 1 <= n <= {n_volumes - 1} for a shell of {n_volumes} volumes")
+    has_directions = np.linalg.norm(bvecs, axis=1).min() > 0.5
+    if mode == "angular" and has_directions:
+        return angular_neighbours(bvecs, n)
+    if mode in ("angular", "adjacent"):
+        return adjacent_neighbours(n_volumes, n)
+    raise ValueError(f"unknown neighbour mode {mode!r}; use 'angular' or 'adjacent'")
+
+
+def gradient_features(bvecs: np.ndarray, bvals: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Encode the gradients of each target volume and of its neighbours for Stage I's condition.
+
+    Each gradient becomes the 6 unique entries of q q^T with q = sqrt(b / b_max) g: sign-invariant
+    (g and -g measure the same signal) and what the tensor model's exponent b g^T D g is linear in.
+
+    Returns
+    -------
+    (V, 6 * (n + 1)) float32: the target's encoding first, then each neighbour's in table order.
+    """
+    bvecs = np.asarray(bvecs, dtype=np.float64)
+    bvals = np.asarray(bvals, dtype=np.float64)
+    q = bvecs * np.sqrt(bvals / max(bvals.max(), 1e-12))[:, None]
+    root2 = np.sqrt(2.0)
+    encoded = np.stack([q[:, 0] ** 2, q[:, 1] ** 2, q[:, 2] ** 2,
+                        root2 * q[:, 0] * q[:, 1], root2 * q[:, 0] * q[:, 2], root2 * q[:, 1] * q[:, 2]], axis=1)
+    per_volume = [encoded] + [encoded[neighbours[:, k]] for k in range(neighbours.shape[1])]
+    return np.concatenate(per_volume, axis=1).astype(np.float32)
+
+
+def shell_slices(normalised: np.ndarray, shell: Shell) -> np.ndarray:
+    """The shell's volumes as (V, Z, H, W) slices (a copy, contiguous)."""
+    return np.ascontiguousarray(np.transpose(normalised[..., list(shell.indices)], (3, 2, 0, 1)))
+
+
+def slices_to_volumes(slices: np.ndarray) -> np.ndarray:
+    """(V, Z, H, W) -> (H, W, Z, V), the inverse of ``shell_slices``'s reordering."""
+    return np.transpose(slices, (2, 3, 1, 0))

@@ -1,0 +1,479 @@
+"""The three stages in a run directory: the only module that knows their order.
+
+Run directory layout::
+
+    run.json                      parameters, versions, device, timings, matched states, outputs, status
+    checkpoints/<shell>/stage1.pt       Stage I model + optimiser + random state (every K steps)
+    checkpoints/<shell>/stage1_estimate.npy   Stage I's estimate of every slice (computed once)
+    checkpoints/<shell>/states.npy      Stage II's matched state of every slice
+    checkpoints/<shell>/stage3.pt       Stage III model + optimiser + random state
+    checkpoints/<shell>/denoised.npy    the shell's denoised slices; curves.npz the appendix-F RMSE curves
+    denoised.nii.gz, denoised.nrrd, residual*.nii.gz, maps, report   the outputs
+
+Every file is written under a temporary name and renamed, so a file that exists is complete and a
+cancelled or crashed run resumes from the last one written.
+
+b = 0 volumes: when there are at least n + 1 of them they form a "shell" of their own and are denoised
+like any other (with adjacent neighbours: they have no direction); with fewer they are passed through
+unchanged. Every shell of a multi-shell scan gets its own Stage I and Stage III models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from ddm2 import __version__
+from ddm2 import dwi as dwi_io
+from ddm2.data import (Shell, denormalise_volumes, gradient_features, group_shells, neighbour_table,
+                       normalise_volumes, shell_slices)
+from ddm2.dwi import DWI, InputError, atomic_path
+from ddm2.progress import STAGE_WEIGHTS, Cancelled, CancelToken, Reporter
+from ddm2.schedule import DiffusionSchedule
+
+METHODS = ("directional", "paper")
+PRESET_TRAINING = {  # batch size and learning rate of each network preset
+    "paper": {"batch_size": 32, "learning_rate": 1e-4},
+    "small": {"batch_size": 8, "learning_rate": 1e-3},
+}
+
+
+@dataclass
+class Settings:
+    """Everything that decides a run's result (stored in run.json, reused by --resume)."""
+
+    n: int = 2
+    stage1_steps: int = 1000
+    stage3_steps: int = 1000
+    preset: str = "auto"  # "paper" on CUDA, "small" on CPU
+    seed: int = 0
+    method: str = "directional"  # "paper": adjacent neighbours, no gradient information
+    batch_size: int = 0  # 0: the preset's
+    learning_rate: float = 0.0  # 0: the preset's
+    sampler: str = "ddpm"
+    sampling_steps: int = 20  # for the ddim sampler
+    flips: bool = False
+    checkpoint_every: int = 500
+    inference_batch: int = 64
+    save_stage1: bool = False
+    write_report: bool = True
+
+    def resolved(self, device_type: str) -> "Settings":
+        """Fill the 'auto' and 0 fields for a device."""
+        preset = self.preset if self.preset != "auto" else ("paper" if device_type == "cuda" else "small")
+        training = PRESET_TRAINING[preset]
+        return Settings(**{**asdict(self), "preset": preset,
+                           "batch_size": self.batch_size or training["batch_size"],
+                           "learning_rate": self.learning_rate or training["learning_rate"]})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Settings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class ShellResult:
+    shell: Shell
+    stage1: np.ndarray | None  # (V, Z, H, W) normalised Stage I estimate
+    denoised: np.ndarray | None  # (V, Z, H, W) normalised denoised slices; None: passed through
+    states: np.ndarray | None  # (V, Z)
+    curves: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    denoised: DWI
+    stage1: DWI
+    outputs: dict[str, str]
+    record: dict
+    curves: list[np.ndarray]  # appendix-F RMSE curve of every denoised slice, shell by shell
+    outlier_flags: np.ndarray | None  # one per curve: the chain left the slice almost unchanged
+    maps: dict[str, dict[str, np.ndarray]]  # "input" and "denoised": DTI maps inside the input's brain mask
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def resolve_device(requested: str, reporter: Reporter):
+    """torch.device for 'auto' | 'cpu' | 'cuda' (or 'cuda:K'); says which was taken."""
+    import torch
+
+    if requested == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError("CUDA was asked for (--device cuda) but torch sees no GPU: use --device cpu, "
+                             "or install a CUDA build of torch that matches the driver")
+        device = torch.device(requested)
+    elif requested == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise InputError(f"unknown device {requested!r}: use auto, cpu or cuda")
+    reporter.log(f"device: {describe_device(device)}")
+    return device
+
+
+def describe_device(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return f"{device} ({properties.name}, {properties.total_memory / 2**30:.0f} GiB)"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    import dipy
+    import nibabel
+    import torch
+
+    return {"ddm2": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": str(torch.version.cuda), "numpy": np.__version__, "dipy": dipy.__version__,
+            "nibabel": nibabel.__version__}
+
+
+def file_digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, record: dict) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(record, indent=1, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+
+
+def planned_shells(dwi: DWI, n: int) -> tuple[list[Shell], list[Shell]]:
+    """(shells to denoise, shells passed through) for neighbour count n; raises for a DW shell too
+    small to denoise."""
+    denoised, passed = [], []
+    for shell in group_shells(dwi.bvals):
+        if len(shell.indices) >= n + 1:
+            denoised.append(shell)
+        elif shell.is_b0:
+            passed.append(shell)
+        else:
+            raise InputError(f"shell {shell.name} has {len(shell.indices)} volumes, fewer than n + 1 = {n + 1}: "
+                             f"lower --n to at most {len(shell.indices) - 1}")
+    return denoised, passed
+
+
+# ------------------------------------------------------------------------------------ the run
+
+class Run:
+    """One denoising run in a run directory (fresh, or resumed)."""
+
+    def __init__(self, dwi: DWI, run_dir: Path, settings: Settings, reporter: Reporter, device,
+                 record: dict) -> None:
+        self.dwi = dwi
+        self.run_dir = run_dir
+        self.settings = settings
+        self.reporter = reporter
+        self.device = device
+        self.record = record
+        self.cancel = CancelToken(run_dir)
+        self.schedule = DiffusionSchedule()
+
+    def save_record(self) -> None:
+        write_json(self.run_dir / "run.json", self.record)
+
+    def timed(self, key: str, seconds: float) -> None:
+        self.record.setdefault("timings_s", {})
+        self.record["timings_s"][key] = round(self.record["timings_s"].get(key, 0.0) + seconds, 2)
+
+    def execute(self) -> RunResult:
+        normalised, scales = normalise_volumes(self.dwi.data)
+        shells, passed = planned_shells(self.dwi, self.settings.n)
+        for shell in passed:
+            self.reporter.log(f"{shell.name}: {len(shell.indices)} volume(s), fewer than n + 1 = "
+                              f"{self.settings.n + 1}: passed through unchanged")
+        self.record["shells"] = {s.name: {"volumes": list(s.indices), "denoised": s in shells}
+                                 for s in shells + passed}
+        total_slices = sum(len(s.indices) for s in shells) or 1
+        base = 0.0
+        results = []
+        for shell in shells:
+            span = (1.0 - STAGE_WEIGHTS["outputs"]) * len(shell.indices) / total_slices
+            results.append(self.denoise_shell(shell, shell_slices(normalised, shell), base, span))
+            base += span
+        self.reporter.begin("outputs", "all", base, STAGE_WEIGHTS["outputs"])
+        return self.assemble(results, normalised, scales)
+
+    # --------------------------------------------------------------------------- one shell
+    def denoise_shell(self, shell: Shell, slices: np.ndarray, base: float, span: float) -> ShellResult:
+        import torch
+
+        from ddm2 import sampler, stage1, stage3, training
+        from ddm2.unet import UNet, preset_config
+
+        s = self.settings
+        folder = self.run_dir / "checkpoints" / shell.name
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: STAGE_WEIGHTS[k] / (1 - STAGE_WEIGHTS["outputs"]) for k in STAGE_WEIGHTS}
+        marks = np.cumsum([0.0] + [weights[k] for k in ("stage1", "stage2", "stage3", "inference")])
+
+        def begin(stage: str, position: int) -> None:
+            self.reporter.begin(stage, shell.name, base + span * marks[position], span * weights[stage])
+
+        bvecs = self.dwi.bvecs[list(shell.indices)]
+        bvals = self.dwi.bvals[list(shell.indices)]
+        directional = s.method == "directional" and not shell.is_b0
+        neighbours = neighbour_table(bvecs, s.n, "angular" if directional else "adjacent")
+        conditions = gradient_features(bvecs, bvals, neighbours) if directional else None
+        self.record["shells"][shell.name]["neighbours"] = neighbours.tolist()
+        device = self.device
+        slices_t = torch.as_tensor(slices, device=device)
+        neighbours_t = torch.as_tensor(neighbours, device=device)
+        conditions_t = torch.as_tensor(conditions, device=device) if conditions is not None else None
+        sampler_ = stage1.SliceSampler(slices_t, s.batch_size)
+
+        # Stage I
+        estimate_path = folder / "stage1_estimate.npy"
+        if estimate_path.exists():
+            estimate = np.load(estimate_path)
+        else:
+            begin("stage1", 0)
+            started = time.monotonic()
+            phi = UNet(preset_config(s.preset, in_channels=s.n,
+                                     condition_dim=conditions.shape[1] if conditions is not None else 0)).to(device)
+            training.train(phi, stage1.stage1_batch_loss(phi, sampler_, neighbours_t, conditions_t),
+                           steps=s.stage1_steps, learning_rate=s.learning_rate,
+                           checkpoint_path=folder / "stage1.pt", checkpoint_every=s.checkpoint_every,
+                           randomness=training.Randomness.seeded(s.seed, device), reporter=self.reporter,
+                           cancel=self.cancel, stage="stage1", shell=shell.name, device=device)
+            estimate = stage1.predict(phi, slices_t, neighbours_t, conditions_t, s.inference_batch, device)
+            save_array(estimate_path, estimate)
+            self.timed(f"stage1_{shell.name}", time.monotonic() - started)
+            self.save_record()
+
+        # Stage II
+        begin("stage2", 1)
+        started = time.monotonic()
+        matched = self.schedule.match_states(slices.reshape(-1, *slices.shape[2:]),
+                                             estimate.reshape(-1, *estimate.shape[2:]))
+        raised = int((matched == 0).sum())
+        if raised:
+            self.reporter.log(f"stage2 [{shell.name}]: {raised} slice(s) matched state 0 (no noise found, "
+                              "e.g. empty slices); raised to state 1")
+        states = matched.clip(min=1).reshape(slices.shape[:2])
+        self.reporter.progress("stage2", shell.name, 1, 1)
+        self.record["shells"][shell.name]["stage2"] = {
+            "states": states.tolist(), "raised_from_zero": raised,
+            "median_state": float(np.median(states)), "min_state": int(states.min()),
+            "max_state": int(states.max()),
+            "noise_std_median": float(np.median(self.schedule.noise_std[states]))}
+        self.timed(f"stage2_{shell.name}", time.monotonic() - started)
+        self.save_record()
+
+        # Stage III
+        denoised_path, curves_path = folder / "denoised.npy", folder / "curves.npz"
+        if denoised_path.exists() and curves_path.exists():
+            with np.load(curves_path) as stored:
+                curves = [stored[f"slice{i}"] for i in range(len(stored.files))]
+            return ShellResult(shell, estimate, np.load(denoised_path), states, curves)
+        begin("stage3", 2)
+        started = time.monotonic()
+        denoiser = UNet(preset_config(s.preset, in_channels=1, noise_embedding=True)).to(device)
+        estimate_t = torch.as_tensor(estimate, device=device)
+        states_t = torch.as_tensor(states, device=device)
+        training.train(denoiser, stage3.stage3_batch_loss(denoiser, sampler_, estimate_t, states_t, self.schedule),
+                       steps=s.stage3_steps, learning_rate=s.learning_rate, checkpoint_path=folder / "stage3.pt",
+                       checkpoint_every=s.checkpoint_every,
+                       randomness=training.Randomness.seeded(s.seed + 1000, device), reporter=self.reporter,
+                       cancel=self.cancel, stage="stage3", shell=shell.name, device=device)
+        self.timed(f"stage3_{shell.name}", time.monotonic() - started)
+
+        # inference
+        begin("inference", 3)
+        started = time.monotonic()
+
+        def on_batch(done: int, total: int) -> None:
+            self.reporter.progress("inference", shell.name, done, total)
+            self.cancel.check()
+
+        flat, curves = sampler.denoise_slices(
+            denoiser, slices.reshape(-1, *slices.shape[2:]), states.reshape(-1), self.schedule,
+            sampler=s.sampler, steps=s.sampling_steps, flips=s.flips, batch_size=s.inference_batch,
+            device=device, randomness=training.Randomness.seeded(s.seed + 2000, device), on_batch=on_batch)
+        denoised = flat.reshape(slices.shape)
+        with atomic_path(curves_path) as temporary:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **{f"slice{i}": c for i, c in enumerate(curves)})
+        save_array(denoised_path, denoised)
+        self.timed(f"inference_{shell.name}", time.monotonic() - started)
+        self.save_record()
+        return ShellResult(shell, estimate, denoised, states, curves)
+
+    # ------------------------------------------------------------------------------ outputs
+    def assemble(self, results: list[ShellResult], normalised: np.ndarray, scales: np.ndarray) -> RunResult:
+        started = time.monotonic()
+        denoised_normalised = normalised.copy()
+        stage1_normalised = normalised.copy()
+        processed = []
+        for result in results:
+            indices = list(result.shell.indices)
+            denoised_normalised[..., indices] = np.transpose(result.denoised, (2, 3, 1, 0))
+            stage1_normalised[..., indices] = np.transpose(result.stage1, (2, 3, 1, 0))
+            processed += indices
+        data = self.dwi.data.copy()  # passed-through volumes keep their exact input values
+        data[..., processed] = denormalise_volumes(denoised_normalised[..., processed], scales[processed])
+        stage1_data = self.dwi.data.copy()
+        stage1_data[..., processed] = denormalise_volumes(stage1_normalised[..., processed], scales[processed])
+        denoised = self.dwi.with_data(data)
+        stage1_dwi = self.dwi.with_data(stage1_data)
+        curves, flags = self.flag_outliers(results)
+        outputs, maps = write_outputs(self.dwi, denoised, stage1_dwi if self.settings.save_stage1 else None,
+                                      self.run_dir, curves, flags, self.settings.write_report, self.reporter)
+        self.timed("outputs", time.monotonic() - started)
+        return RunResult(denoised, stage1_dwi, outputs, self.record, curves, flags, maps)
+
+    def flag_outliers(self, results: list[ShellResult]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Appendix F: flag slices whose RMSE curve stays flat; recorded per shell as (volume, slice)."""
+        from ddm2.metrics import flag_flat_curves
+
+        curves = [curve for result in results for curve in result.curves]
+        if not curves:
+            return curves, None
+        flags = flag_flat_curves(curves)
+        offset = 0
+        for result in results:
+            n_slices = result.denoised.shape[1]
+            flagged = np.flatnonzero(flags[offset:offset + len(result.curves)])
+            offset += len(result.curves)
+            self.record["shells"][result.shell.name]["outlier_slices"] = [
+                [int(result.shell.indices[i // n_slices]), int(i % n_slices)] for i in flagged]
+        return curves, flags
+
+
+def write_outputs(noisy: DWI, denoised: DWI, stage1: DWI | None, run_dir: Path, curves: list[np.ndarray],
+                  flags: np.ndarray | None, write_report: bool,
+                  reporter: Reporter) -> tuple[dict[str, str], dict[str, dict[str, np.ndarray]]]:
+    """Write every output of the contract into ``run_dir``; returns (name -> absolute path, the maps)."""
+    from ddm2.maps import brain_mask, dti_maps
+
+    outputs: dict[str, Path] = {}
+    steps = 6
+    reporter.progress("outputs", "all", 0, steps)
+    outputs["denoised"] = dwi_io.save_nifti(denoised, run_dir / "denoised.nii.gz")[0]
+    outputs["denoised_nrrd"] = dwi_io.save_nrrd(denoised, run_dir / "denoised.nrrd")
+    if stage1 is not None:
+        outputs["stage1"] = dwi_io.save_nifti(stage1, run_dir / "stage1.nii.gz")[0]
+    reporter.progress("outputs", "all", 2, steps)
+    residual = noisy.data - denoised.data
+    diffusion_weighted = ~noisy.b0_mask
+    residual_rms = np.sqrt(np.mean(residual[..., diffusion_weighted] ** 2, axis=3))
+    outputs["residual"] = dwi_io.save_volume(residual, noisy.affine, run_dir / "residual.nii.gz")
+    outputs["residual_rms"] = dwi_io.save_volume(residual_rms, noisy.affine, run_dir / "residual_rms.nii.gz")
+    reporter.progress("outputs", "all", 3, steps)
+    mask = brain_mask(noisy.data, noisy.bvals)
+    outputs["mask"] = dwi_io.save_volume(mask.astype(np.float32), noisy.affine, run_dir / "mask.nii.gz")
+    maps = {}
+    for key, suffix, source in (("denoised", "", denoised), ("input", "_input", noisy)):
+        maps[key] = dti_maps(source.data, source.bvals, source.bvecs_voxel(), mask=mask)
+        for name, volume in maps[key].items():
+            outputs[f"{name}{suffix}"] = dwi_io.save_volume(volume, noisy.affine, run_dir / f"{name}{suffix}.nii.gz")
+    reporter.progress("outputs", "all", 5, steps)
+    if write_report:
+        from ddm2.report import write_report as render_report
+
+        png, html = render_report(noisy, denoised, run_dir / "report.png", run_dir / "report.html",
+                                  maps_input=maps["input"], maps_denoised=maps["denoised"],
+                                  outlier_curves=curves or None, outlier_flags=flags,
+                                  title=f"DDM2: {Path(noisy.source).name or 'input'}")
+        outputs["report_png"], outputs["report_html"] = png, html
+    reporter.progress("outputs", "all", steps, steps)
+    return {name: str(Path(path).resolve()) for name, path in outputs.items()}, maps
+
+
+# ---------------------------------------------------------------------------------- entry point
+
+def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, reporter: Reporter, *,
+            bval: str | None = None, bvec: str | None = None, device: str = "auto",
+            resume: bool = False, dwi: DWI | None = None) -> RunResult:
+    """Denoise a DWI file into ``out_dir`` (see the module docstring), resuming if asked.
+
+    Raises InputError for bad input, Cancelled when cancelled (checkpoint written; resumable).
+    """
+    run_dir = Path(out_dir)
+    record_path = run_dir / "run.json"
+    input_files = [Path(input_path)] + [Path(p) for p in (bval, bvec) if p]
+    if dwi is None:
+        dwi = dwi_io.load(input_path, bval, bvec)
+    dwi_io.validate(dwi, settings.n)
+    if run_dir.exists() and run_dir.resolve() == Path(input_path).resolve().parent and \
+            Path(input_path).name.startswith("denoised."):
+        raise InputError(f"{input_path} would be overwritten by the outputs: choose another --out")
+    digest = file_digest([p for p in input_files if p.exists()])
+
+    if resume:
+        if not record_path.exists():
+            raise InputError(f"nothing to resume in {run_dir} (no run.json): run without --resume")
+        record = json.loads(record_path.read_text())
+        if record.get("input_sha256") != digest:
+            raise InputError(f"{input_path} is not the input of the run in {run_dir}: give the same input "
+                             "to --resume, or start a new run in another --out")
+        stored = Settings.from_dict(record["parameters"])
+        if stored.n != settings.n:
+            reporter.log("resuming with the stored settings of the run (command-line settings ignored)")
+        settings = stored
+    else:
+        if record_path.exists():
+            raise InputError(f"{run_dir} already holds a run: pass --resume to continue it, or choose "
+                             "another --out")
+        record = {}
+
+    torch_device = resolve_device(device, reporter)
+    settings = settings.resolved(torch_device.type)
+    import torch
+
+    torch.manual_seed(settings.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.update({"status": "running", "input": str(Path(input_path).resolve()), "input_sha256": digest,
+                   "shape": list(dwi.data.shape), "parameters": asdict(settings), "versions": versions(),
+                   "device": describe_device(torch_device)})
+    run = Run(dwi, run_dir, settings, reporter, torch_device, record)
+    run.cancel.clear()
+    run.cancel.install_signal_handlers()
+    run.save_record()
+    reporter.event("start", run_dir=str(run_dir.resolve()), device=record["device"])
+    try:
+        result = run.execute()
+    except Cancelled:
+        record["status"] = "cancelled"
+        run.save_record()
+        raise
+    except BaseException as error:
+        record["status"] = "failed"
+        record["error"] = str(error) or type(error).__name__
+        run.save_record()
+        raise
+    record["status"] = "done"
+    record["outputs"] = {**result.outputs, "run_json": str(record_path.resolve())}
+    run.save_record()
+    result.outputs = record["outputs"]
+    return result

@@ -1,0 +1,64 @@
+"""Stage III: the diffusion denoiser F (paper section 3.4).
+
+Training inputs are built from Stage I's estimate y-bar and its residual noise:
+``S = c * y_bar + sqrt(1 - c^2) * shuffle(eps)`` where eps is the residual of the noisy slice x at its
+matched state t* (normalised by sqrt(1 - alpha_bar_t*), mean corrected per Eq. 4) and shuffle
+permutes its pixels (noise shuffle); the target is the raw noisy slice x (J-invariance objective).
+F sees only the one-channel state and the noise level c = sqrt(alpha_bar), never the neighbours.
+
+Our choice where the authors' code and the paper leave it open: the training state t of each sample
+is drawn from 1..t* of that slice (the states inference visits), not from the whole chain; the
+continuous level c is uniform between the chain values of t - 1 and t, as in SR3.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ddm2.schedule import DiffusionSchedule
+from ddm2.stage1 import SliceSampler, random_flips
+from ddm2.training import Randomness
+
+
+def shuffle_pixels(noise: torch.Tensor, randomness: Randomness) -> torch.Tensor:
+    """Permute the pixels of each sample (B, 1, H, W) independently."""
+    b = noise.shape[0]
+    flat = noise.reshape(b, -1)
+    keys = torch.rand(flat.shape, generator=randomness.device, device=noise.device)
+    return torch.gather(flat, 1, keys.argsort(dim=1)).reshape(noise.shape)
+
+
+def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.Tensor, states: torch.Tensor,
+                      schedule: DiffusionSchedule):
+    """The loss closure of one Stage III step.
+
+    Parameters
+    ----------
+    sampler : draws (volume, slice) pairs of the noisy shell slices (V, Z, H, W).
+    estimate : Stage I's estimate of every slice (V, Z, H, W), fixed.
+    states : matched state t* of every slice (V, Z), int64, all >= 1.
+    """
+    sqrt_alpha_bar = torch.as_tensor(schedule.sqrt_alpha_bar, dtype=torch.float32, device=estimate.device)
+
+    def batch_loss(randomness: Randomness) -> torch.Tensor:
+        volumes, slice_index = sampler.draw(randomness)
+        noisy = sampler.slices[volumes, slice_index][:, None]
+        y_bar = estimate[volumes, slice_index][:, None]
+        noisy, y_bar = random_flips([noisy, y_bar], randomness)
+        matched = states[volumes, slice_index]
+        a_m = sqrt_alpha_bar[matched][:, None, None, None]
+        sigma_m = torch.sqrt(1 - a_m ** 2)
+        eps = (noisy - a_m * y_bar) / sigma_m
+        mean = eps.mean(dim=(1, 2, 3), keepdim=True)  # Eq. 4: the residual gets zero mean ...
+        eps = eps - mean
+        y_bar = y_bar + mean * sigma_m / a_m  # ... and y_bar absorbs it, so x = a y_bar + sigma eps holds
+        u = torch.rand(len(matched), generator=randomness.device, device=matched.device)
+        t = 1 + torch.floor(u * matched.float()).long().clamp(max=matched - 1)  # uniform in 1..t*
+        v = torch.rand(len(matched), generator=randomness.device, device=matched.device)
+        level = sqrt_alpha_bar[t] + v * (sqrt_alpha_bar[t - 1] - sqrt_alpha_bar[t])
+        c = level[:, None, None, None]
+        state = c * y_bar + torch.sqrt(1 - c ** 2) * shuffle_pixels(eps, randomness)
+        return torch.mean((model(state, noise_level=level).float() - noisy) ** 2)
+
+    return batch_loss

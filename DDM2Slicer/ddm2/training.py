@@ -1,0 +1,110 @@
+"""The optimisation loop shared by Stage I and Stage III: Adam, cosine learning rate, checkpoints
+every K steps and on cancellation, resume from the last checkpoint, progress events."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ddm2.dwi import atomic_path
+from ddm2.progress import CancelToken, Reporter
+
+
+@dataclass
+class Randomness:
+    """The generators a stage draws from: indices on the CPU, noise on the compute device."""
+
+    cpu: torch.Generator
+    device: torch.Generator
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> "Randomness":
+        cpu = torch.Generator().manual_seed(seed)
+        on_device = torch.Generator(device=device).manual_seed(seed + 1)
+        return cls(cpu, on_device)
+
+    def state(self) -> dict:
+        return {"cpu": self.cpu.get_state(), "device": self.device.get_state()}
+
+    def restore(self, state: dict) -> None:
+        self.cpu.set_state(state["cpu"])
+        self.device.set_state(state["device"])
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (tensor cores, half the activation memory); full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module itself, under a DistributedDataParallel wrapper or not."""
+    return model.module if hasattr(model, "module") else model
+
+
+def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *, steps: int,
+          learning_rate: float, checkpoint_path: Path, checkpoint_every: int, randomness: Randomness,
+          reporter: Reporter, cancel: CancelToken, stage: str, shell: str, device: torch.device,
+          is_main: bool = True) -> list[float]:
+    """Minimise ``batch_loss`` for ``steps`` steps, resuming from ``checkpoint_path`` if it exists.
+
+    The checkpoint holds the model, optimiser, scheduler, step and random states, so a resumed run
+    draws the same batches as an uninterrupted one. Raises ``Cancelled`` (after checkpointing) when a
+    cancel is requested. Returns the loss of every step run in this call.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    # cosine decay to 1% so that short CPU budgets still end on small steps
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1),
+                                                           eta_min=learning_rate * 0.01)
+    step = 0
+    if checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, device)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        randomness.restore(state["randomness"])
+        step = state["step"]
+        if step < steps:
+            reporter.log(f"{stage} [{shell}]: resuming at step {step} of {steps}")
+
+    def checkpoint() -> None:
+        if is_main:
+            save_checkpoint(checkpoint_path, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), randomness=randomness.state(), step=step)
+
+    losses = []
+    model.train()
+    try:
+        while step < steps:
+            cancel.check()
+            with autocast(device):
+                loss = batch_loss(randomness)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            reporter.progress(stage, shell, step, steps, loss=losses[-1])
+            if step % checkpoint_every == 0 or step == steps:
+                checkpoint()
+    except BaseException:
+        checkpoint()  # cancelled, interrupted or failed: keep what was learned
+        raise
+    model.eval()
+    return losses

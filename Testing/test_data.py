@@ -1,0 +1,61 @@
+"""Normalisation, shells, neighbours and gradient encodings."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ddm2.data import (adjacent_neighbours, angular_neighbours, denormalise_volumes, gradient_features,
+                       group_shells, normalise_volumes, shell_slices, slices_to_volumes)
+
+
+def test_normalisation_round_trips_to_float32_precision():
+    rng = np.random.default_rng(0)
+    data = rng.uniform(0, 3000, size=(7, 5, 3, 6)).astype(np.float32)
+    data[..., 2] = 0  # an empty volume must not divide by zero
+    normalised, scales = normalise_volumes(data)
+    assert normalised.min() >= -1 and normalised.max() <= 1
+    assert np.allclose(normalised.reshape(-1, 6).max(axis=0)[[0, 1, 3, 4, 5]], 1.0)
+    back = denormalise_volumes(normalised, scales)
+    assert back.dtype == np.float32
+    # exact up to one float32 rounding of the normalised value (relative 6e-8 of the volume's maximum)
+    assert np.max(np.abs(back - data) / scales) < 2e-7
+
+
+def test_shells_group_b0_and_each_b_value_in_input_order():
+    bvals = np.array([5, 1000, 2000, 990, 0, 3000, 2010, 1005])
+    shells = group_shells(bvals)
+    assert [s.name for s in shells] == ["b0", "b1000", "b2000", "b3000"]
+    assert [s.indices for s in shells] == [(0, 4), (1, 3, 7), (2, 6), (5,)]
+    assert shells[0].is_b0 and not shells[1].is_b0
+
+
+def test_adjacent_neighbours_wrap_around_like_the_authors():
+    assert adjacent_neighbours(5, 2).tolist() == [[4, 1], [0, 2], [1, 3], [2, 4], [3, 0]]
+    assert adjacent_neighbours(4, 1).tolist() == [[3], [0], [1], [2]]
+
+
+def test_angular_neighbours_are_closest_in_angle_whatever_the_sign():
+    bvecs = np.array([[1, 0, 0], [0, 1, 0], [-0.99, 0.141, 0], [0, 0, 1], [0.1, 0.995, 0]])
+    table = angular_neighbours(bvecs, 1)
+    assert table[:, 0].tolist() == [2, 4, 0, 0, 1]
+
+
+def test_gradient_features_do_not_depend_on_the_sign_of_a_gradient():
+    rng = np.random.default_rng(1)
+    bvecs = rng.normal(size=(6, 3))
+    bvecs /= np.linalg.norm(bvecs, axis=1, keepdims=True)
+    bvals = np.full(6, 1000.0)
+    table = adjacent_neighbours(6, 2)
+    flipped = bvecs * np.array([1, -1, 1, -1, 1, -1])[:, None]
+    np.testing.assert_allclose(gradient_features(bvecs, bvals, table), gradient_features(flipped, bvals, table))
+    assert gradient_features(bvecs, bvals, table).shape == (6, 18)
+
+
+def test_shell_slices_and_back_restore_the_volumes():
+    from ddm2.data import Shell
+
+    data = np.arange(4 * 3 * 2 * 5, dtype=np.float32).reshape(4, 3, 2, 5)
+    shell = Shell("b1000", 1000, (1, 3, 4))
+    slices = shell_slices(data, shell)
+    assert slices.shape == (3, 2, 4, 3)
+    np.testing.assert_array_equal(slices_to_volumes(slices), data[..., [1, 3, 4]])

@@ -1,0 +1,69 @@
+"""The reverse chain: DDPM steps are the posterior, DDIM skips states, batches mix states."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddm2.sampler import denoise_slices, reverse_step, state_sequences
+from ddm2.schedule import DiffusionSchedule
+from ddm2.training import Randomness
+
+
+class Oracle(nn.Module):
+    """Predicts the clean slices it was given, whatever the state (an ideal F)."""
+
+    def __init__(self, clean: torch.Tensor) -> None:
+        super().__init__()
+        self.clean = clean
+        self.calls = 0
+
+    def forward(self, state, noise_level=None):
+        self.calls += 1
+        match = [int(torch.argmin(((self.clean - s) ** 2).mean(dim=(1, 2)))) for s in state[:, 0]]
+        return self.clean[match][:, None]
+
+
+def test_state_sequences_run_from_each_state_to_zero():
+    ddpm = state_sequences(np.array([3, 5]), "ddpm", None)
+    assert ddpm.tolist() == [[3, 3, 3, 2, 1, 0], [5, 4, 3, 2, 1, 0]]
+    ddim = state_sequences(np.array([100, 7]), "ddim", 4)
+    assert ddim[:, 0].tolist() == [100, 7] and ddim[:, -1].tolist() == [0, 0]
+    assert ddim.shape == (2, 5)
+
+
+def test_ddpm_step_is_the_posterior_of_the_chain():
+    schedule = DiffusionSchedule()
+    k = 250
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(-1, 1, (1, 1, 8, 8))
+    state = schedule.sqrt_alpha_bar[k] * x0 + schedule.noise_std[k] * rng.normal(size=x0.shape)
+    noise = rng.normal(size=x0.shape)
+    previous = schedule.alpha_bar[k - 1]
+    mean = (schedule.betas[k] * np.sqrt(previous) * x0
+            + (1 - previous) * np.sqrt(schedule.alphas[k]) * state) / (1 - schedule.alpha_bar[k])
+    std = np.sqrt(schedule.betas[k] * (1 - previous) / (1 - schedule.alpha_bar[k]))
+    alpha_bar = torch.tensor(schedule.alpha_bar, dtype=torch.float64)
+    step = reverse_step(torch.tensor(state, dtype=torch.float32), torch.tensor(x0, dtype=torch.float32),
+                        alpha_bar[[k]], alpha_bar[[k - 1]], 1.0, torch.tensor(noise, dtype=torch.float32))
+    np.testing.assert_allclose(step.numpy(), mean + std * noise, atol=1e-5)
+    deterministic = reverse_step(torch.tensor(state, dtype=torch.float32), torch.tensor(x0, dtype=torch.float32),
+                                 alpha_bar[[k]], alpha_bar[[0]], 0.0, None)
+    np.testing.assert_allclose(deterministic.numpy(), x0, atol=1e-6)  # a jump to state 0 lands on x0
+
+
+def test_ideal_denoiser_recovers_the_clean_slices_with_mixed_states():
+    schedule = DiffusionSchedule()
+    rng = np.random.default_rng(1)
+    clean = np.tanh(rng.normal(size=(5, 12, 12))).astype(np.float32)
+    states = np.array([40, 5, 300, 40, 120])
+    noisy = (schedule.sqrt_alpha_bar[states][:, None, None] * clean
+             + schedule.noise_std[states][:, None, None] * rng.normal(size=clean.shape)).astype(np.float32)
+    for sampler, steps in (("ddpm", None), ("ddim", 10)):
+        oracle = Oracle(torch.tensor(clean))
+        out, curves = denoise_slices(oracle, noisy, states, schedule, sampler=sampler, steps=steps, batch_size=2,
+                                     device=torch.device("cpu"), randomness=Randomness.seeded(0, torch.device("cpu")))
+        np.testing.assert_allclose(out, clean, atol=1e-6)
+        lengths = [len(c) for c in curves]
+        assert lengths == (states.tolist() if sampler == "ddpm" else [min(10, s) for s in states])
