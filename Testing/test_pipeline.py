@@ -1,0 +1,253 @@
+"""`ddm2 denoise` end to end: the contract's outputs, resume after a kill, cancellation, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+from ddm2 import dwi as dwi_io
+from ddm2.cli import main
+from ddm2.phantom import default_gradient_table, make_phantom
+from ddm2.progress import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK
+
+PHILIPS = Path("/work/shared/data/philips-dwi/philips_dwi.nii.gz")
+TINY = ["--stage1-steps", "4", "--stage3-steps", "4", "--sampler", "ddim", "--sampling-steps", "2",
+        "--device", "cpu", "--preset", "small"]
+CONTRACT_OUTPUTS = ["denoised.nii.gz", "denoised.bval", "denoised.bvec", "denoised.nrrd", "residual.nii.gz",
+                    "residual_rms.nii.gz", "mask.nii.gz", "run.json"] + \
+    [f"{name}{suffix}.nii.gz" for name in ("fa", "md", "ad", "rd", "color_fa") for suffix in ("", "_input")]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny_input(tmp_path_factory) -> Path:
+    """A small phantom with 1 b0 (passed through) and 8 directions, volumes in a shuffled order."""
+    bvals, bvecs = default_gradient_table(n_b0=1, n_directions=8)
+    order = np.array([3, 0, 5, 1, 8, 2, 7, 4, 6])  # the b0 is volume 1: output order must follow the input
+    phantom = make_phantom((24, 24, 3), bvals[order], bvecs[order], snr=8, seed=3)
+    path = tmp_path_factory.mktemp("tiny") / "dwi.nii.gz"
+    dwi_io.save_nifti(phantom.noisy, path)
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, list[dict], str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    events = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    return code, events, captured.err
+
+
+def test_denoise_writes_every_output_of_the_contract(tiny_input, tmp_path, capsys):
+    before = digest(tiny_input)
+    out = tmp_path / "run"
+    code, events, _ = run_cli(["denoise", str(tiny_input), "--out", str(out), "--progress", "json", *TINY,
+                               "--no-report"], capsys)
+    assert code == EXIT_OK
+    assert digest(tiny_input) == before  # the input is never written
+    for name in CONTRACT_OUTPUTS:
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.partial*"))
+    names = [e["event"] for e in events]
+    assert names[0] == "start" and names[-1] == "done"
+    stages = {e["stage"] for e in events if e["event"] == "progress"}
+    assert {"stage1", "stage2", "stage3", "inference", "outputs"} <= stages
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert set(events[-1]["outputs"]) >= {"denoised", "denoised_nrrd", "residual", "fa", "fa_input", "run_json"}
+
+    source = dwi_io.load(tiny_input)
+    image = nib.load(str(out / "denoised.nii.gz"))
+    denoised = image.get_fdata(dtype=np.float32)
+    assert denoised.shape == source.data.shape
+    np.testing.assert_allclose(image.affine, source.affine, atol=1e-6)
+    np.testing.assert_array_equal(denoised[..., 1], source.data[..., 1])  # the lone b0 passes through
+    assert not np.array_equal(denoised[..., 0], source.data[..., 0])
+    # intensities stay in the input's units, volume by volume
+    ratio = denoised[..., 2:].mean(axis=(0, 1, 2)) / source.data[..., 2:].mean(axis=(0, 1, 2))
+    assert np.all((ratio > 0.6) & (ratio < 1.4))
+    np.testing.assert_allclose(np.loadtxt(out / "denoised.bval"), source.bvals)
+
+    array, header = nrrd.read(str(out / "denoised.nrrd"))
+    assert header["modality"] == "DWMRI" and array.shape == (9, 24, 24, 3)
+    reread = dwi_io.load(out / "denoised.nrrd")
+    np.testing.assert_allclose(reread.bvecs, source.bvecs, atol=1e-9)
+    np.testing.assert_allclose(reread.bvals, source.bvals, atol=1e-6)
+    np.testing.assert_allclose(reread.data, denoised, rtol=1e-6)
+
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done"
+    assert record["parameters"]["n"] == 2 and record["parameters"]["preset"] == "small"
+    assert {"stage1_b1000", "stage3_b1000", "inference_b1000", "outputs"} <= set(record["timings_s"])
+    states = np.array(record["shells"]["b1000"]["stage2"]["states"])
+    assert states.shape == (8, 3) and states.min() >= 1
+    assert record["shells"]["b0"]["denoised"] is False
+    assert set(record["versions"]) >= {"torch", "dipy", "ddm2"}
+    residual = nib.load(str(out / "residual.nii.gz")).get_fdata()
+    np.testing.assert_allclose(residual, source.data - denoised, atol=1e-3)
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tiny_input, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["denoise", str(tiny_input), "--out", str(out), *TINY, "--no-report"], capsys)[0] == EXIT_OK
+    code, _, err = run_cli(["denoise", str(tiny_input), "--out", str(out), *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "--resume" in err
+
+
+def _start_worker(tiny_input: Path, out: Path, extra: list[str]) -> subprocess.Popen:
+    args = [sys.executable, "-m", "ddm2", "denoise", str(tiny_input), "--out", str(out), "--progress", "json",
+            "--stage1-steps", "6", "--stage3-steps", "400", "--checkpoint-every", "5", "--sampler", "ddim",
+            "--sampling-steps", "2", "--device", "cpu", "--no-report", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_stage3_step(process: subprocess.Popen, step: int) -> None:
+    deadline = time.monotonic() + 120
+    for line in process.stdout:
+        event = json.loads(line)
+        if event.get("stage") == "stage3" and event.get("step", 0) >= step:
+            return
+        assert time.monotonic() < deadline, "stage 3 did not start in time"
+    raise AssertionError(f"the worker ended before stage 3: {process.stderr.read()}")
+
+
+def test_a_run_killed_mid_stage3_resumes_and_completes(tiny_input, tmp_path):
+    out = tmp_path / "run"
+    worker = _start_worker(tiny_input, out, [])
+    _wait_for_stage3_step(worker, 12)
+    worker.kill()  # SIGKILL: no chance to clean up, only the periodic checkpoints survive
+    worker.wait()
+    assert (out / "checkpoints" / "b1000" / "stage1_estimate.npy").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    resumed = subprocess.run([sys.executable, "-m", "ddm2", "denoise", str(tiny_input), "--out", str(out),
+                              "--resume", "--device", "cpu", "--progress", "json"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    assert "stage3 [b1000]: resuming at step" in resumed.stderr
+    assert "stage1 [b1000]: resuming" not in resumed.stderr  # Stage I's estimate is reused, not retrained
+    events = [json.loads(line) for line in resumed.stdout.splitlines()]
+    first_stage3 = next(e for e in events if e.get("stage") == "stage3")
+    assert first_stage3["step"] > 10
+    assert events[-1]["event"] == "done"
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+
+
+@pytest.mark.parametrize("how", ["sigterm", "cancel_file"])
+def test_cancel_checkpoints_and_exits_with_the_resumable_code(tiny_input, tmp_path, how):
+    out = tmp_path / "run"
+    worker = _start_worker(tiny_input, out, [])
+    _wait_for_stage3_step(worker, 3)
+    if how == "sigterm":
+        worker.send_signal(signal.SIGTERM)
+    else:
+        (out / "cancel").touch()
+    remaining, errors = worker.communicate(timeout=120)
+    assert worker.returncode == EXIT_CANCELLED, errors
+    assert json.loads(remaining.splitlines()[-1]) == {"event": "cancelled", "run_dir": str(out.resolve())}
+    assert json.loads((out / "run.json").read_text())["status"] == "cancelled"
+    assert (out / "checkpoints" / "b1000" / "stage3.pt").exists()
+    assert not (out / "denoised.nii.gz").exists()
+
+
+def _bad_inputs(folder: Path) -> dict[str, list[str]]:
+    """Each case: the ddm2 arguments that must fail (the files are written here)."""
+    data = np.abs(np.random.default_rng(0).normal(100, 10, (6, 6, 2, 5))).astype(np.float32)
+
+    def write(name: str, array: np.ndarray, bvals, bvecs) -> str:
+        nib.save(nib.Nifti1Image(array, np.eye(4)), str(folder / f"{name}.nii.gz"))
+        np.savetxt(folder / f"{name}.bval", np.atleast_2d(bvals))
+        np.savetxt(folder / f"{name}.bvec", np.asarray(bvecs, dtype=float).T)
+        return str(folder / f"{name}.nii.gz")
+
+    bvals = [0, 1000, 1000, 1000, 1000]
+    bvecs = [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0.6, 0.8, 0]]
+    nan = data.copy()
+    nan[0, 0, 0, 2] = np.nan
+    (folder / "notes.txt").write_text("not an image")
+    return {
+        "wrong file": [str(folder / "notes.txt")],
+        "count mismatch": [write("count", data, bvals[:4], bvecs[:4])],
+        "3-D volume": [write("three_d", data[..., 0], bvals, bvecs)],
+        "fewer volumes than n+1": [write("few", data, bvals, bvecs), "--n", "4"],
+        "NaN": [write("nan", nan, bvals, bvecs)],
+        "no b=0": [write("no_b0", data, [1000] * 5, [[0.6, 0, 0.8]] + bvecs[1:])],
+        "zero-norm gradient": [write("zero", data, bvals, [bvecs[0], [0, 0, 0]] + bvecs[2:])],
+        "CUDA absent": [write("good", data, bvals, bvecs), "--device", "cuda"],
+    }
+
+
+def test_each_bad_input_ends_with_one_clear_line_and_leaves_the_input_alone(tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    cases = _bad_inputs(inputs)
+    before = {path: digest(path) for path in inputs.iterdir()}
+    for case, args in cases.items():
+        if case == "CUDA absent":
+            import torch
+
+            if torch.cuda.is_available():
+                continue
+        code, events, err = run_cli(["denoise", *args, "--out", str(tmp_path / case), "--progress", "json",
+                                     *TINY[:4]], capsys)
+        assert code == EXIT_BAD_INPUT, case
+        assert len(events) == 1 and events[0]["event"] == "error", case
+        assert err.strip().count("\n") == 0 and "error:" in err, (case, err)
+        assert ":" in events[0]["message"] and len(events[0]["message"]) < 300
+    assert {path: digest(path) for path in inputs.iterdir()} == before
+
+
+def test_disk_full_is_reported_as_such(tiny_input, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "denoised.nii.gz")
+
+    monkeypatch.setattr(dwi_io, "save_nifti", full)
+    code, events, _ = run_cli(["denoise", str(tiny_input), "--out", str(tmp_path / "r"), "--progress", "json",
+                               *TINY, "--no-report"], capsys)
+    assert code == EXIT_FAILURE
+    assert "disk full" in events[-1]["message"] and "--resume" in events[-1]["message"]
+
+
+@pytest.mark.slow
+def test_real_scan_denoises_into_every_output(tmp_path):
+    """The Philips scan (5 b0 + 12 directions) with small CPU settings: its b0 volumes are denoised too."""
+    out = tmp_path / "philips"
+    before = digest(PHILIPS)
+    completed = subprocess.run([sys.executable, "-m", "ddm2", "denoise", str(PHILIPS), "--out", str(out),
+                                "--stage1-steps", "20", "--stage3-steps", "20", "--sampler", "ddim",
+                                "--sampling-steps", "3", "--device", "cpu", "--progress", "json"],
+                               capture_output=True, text=True, timeout=900,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert completed.returncode == EXIT_OK, completed.stderr
+    assert digest(PHILIPS) == before
+    for name in CONTRACT_OUTPUTS + ["report.png", "report.html"]:
+        assert (out / name).is_file(), name
+    source = dwi_io.load(PHILIPS)
+    image = nib.load(str(out / "denoised.nii.gz"))
+    assert image.shape == (112, 112, 32, 17)
+    np.testing.assert_allclose(image.affine, source.affine, atol=1e-5)
+    denoised = image.get_fdata(dtype=np.float32)
+    b0 = source.b0_mask
+    # volumes keep their place: each output volume is closest to its own input volume
+    distances = [[np.mean((denoised[..., i] - source.data[..., j]) ** 2) for j in range(17)] for i in range(17)]
+    assert np.argmin(distances, axis=1).tolist() == list(range(17))
+    record = json.loads((out / "run.json").read_text())
+    assert record["shells"]["b0"]["denoised"] is True and b0.sum() == 5
+    reread = dwi_io.load(out / "denoised.nrrd")
+    np.testing.assert_allclose(reread.bvecs[~b0], source.bvecs[~b0], atol=1e-9)
+    np.testing.assert_allclose(reread.bvals[~b0], source.bvals[~b0], atol=1e-6)
+    assert np.all(reread.bvals[b0] < 1)
