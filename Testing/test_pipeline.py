@@ -251,3 +251,24 @@ def test_real_scan_denoises_into_every_output(tmp_path):
     np.testing.assert_allclose(reread.bvecs[~b0], source.bvecs[~b0], atol=1e-9)
     np.testing.assert_allclose(reread.bvals[~b0], source.bvals[~b0], atol=1e-6)
     assert np.all(reread.bvals[b0] < 1)
+
+
+def test_evaluate_and_compare_commands_score_against_the_truth(tmp_path, capsys):
+    bvals, bvecs = default_gradient_table(n_b0=1, n_directions=8)
+    phantom = make_phantom((24, 24, 3), bvals, bvecs, snr=6, seed=5)
+    dwi_io.save_nifti(phantom.noisy, tmp_path / "noisy.nii.gz")
+    dwi_io.save_nifti(phantom.truth, tmp_path / "truth.nii.gz")
+    code, _, _ = run_cli(["compare", str(tmp_path / "noisy.nii.gz"), "--truth", str(tmp_path / "truth.nii.gz"),
+                          "--out", str(tmp_path / "cmp"), *TINY], capsys)
+    assert code == EXIT_OK
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert list(rows) == ["noisy", "MP-PCA", "Patch2Self", "Stage I", "DDM2"]
+    assert rows["MP-PCA"]["psnr_db"] > rows["noisy"]["psnr_db"] + 1  # the scores are real scores
+    assert (tmp_path / "cmp" / "ddm2" / "stage1.nii.gz").is_file()
+    code = main(["evaluate", "--noisy", str(tmp_path / "noisy.nii.gz"),
+                 "--denoised", str(tmp_path / "cmp" / "ddm2" / "denoised.nii.gz"),
+                 "--truth", str(tmp_path / "truth.nii.gz"), "--out", str(tmp_path / "ev")])
+    printed = capsys.readouterr().out
+    assert code == EXIT_OK and "PSNR" in printed
+    result = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert result["truth"]["noisy"]["psnr_db"] == pytest.approx(rows["noisy"]["psnr_db"], abs=1e-6)

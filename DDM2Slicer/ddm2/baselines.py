@@ -63,7 +63,9 @@ def denoise_baseline(name: str, data: np.ndarray, bvals: np.ndarray,
         radius = 2
         while (2 * radius + 1) ** 3 <= data.shape[3]:
             radius += 1
-        denoised = mppca(data.astype(np.float64), mask=mask, patch_radius=radius)
+        # a thin stack (few slices) gets a flatter patch along that axis: dipy needs it to fit
+        radii = np.minimum(radius, (np.asarray(data.shape[:3]) - 1) // 2)
+        denoised = mppca(data.astype(np.float64), mask=mask, patch_radius=radii)
     else:
         denoised = _patch2self(data, bvals)
         if mask is not None:

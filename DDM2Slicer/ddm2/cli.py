@@ -33,6 +33,9 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--method", choices=METHODS, default="directional",
                        help="directional (default): Stage I is told the gradient directions and uses the "
                             "angularly closest volumes; paper: adjacent volumes, no directions")
+    group.add_argument("--context-slices", type=int, choices=[0, 1], default=1,
+                       help="directional method: Stage I also sees slices z-1 and z+1 of the neighbours and "
+                            "of the target volume (default 1; 0: the paper's single slice)")
     group.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                        help="ddpm: every state from t* (the paper); ddim: --sampling-steps deterministic steps")
     group.add_argument("--sampling-steps", type=int, default=20, help="steps of the ddim sampler (default 20)")
@@ -53,7 +56,7 @@ def _settings(args: argparse.Namespace, **extra):
     from ddm2.pipeline import Settings
 
     return Settings(n=args.n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, preset=args.preset,
-                    seed=args.seed, method=args.method, batch_size=args.batch_size,
+                    seed=args.seed, method=args.method, context_slices=args.context_slices, batch_size=args.batch_size,
                     learning_rate=args.learning_rate, sampler=args.sampler, sampling_steps=args.sampling_steps,
                     flips=args.flips, checkpoint_every=args.checkpoint_every,
                     inference_batch=args.inference_batch, **extra)
@@ -88,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     maps = commands.add_parser("maps", help="brain mask and DTI maps (FA, MD, AD, RD, colour FA)")
     _add_input(maps)
     maps.add_argument("--out", required=True, help="folder for the maps")
+
+    evaluate = commands.add_parser("evaluate", help="SNR/CNR in the corpus callosum (dipy's protocol, both "
+                                   "variants); with --truth also PSNR, SSIM and FA/MD errors")
+    for name, required in (("noisy", True), ("denoised", True), ("truth", False)):
+        evaluate.add_argument(f"--{name}", required=required,
+                              help=f"{name} DWI (NIfTI with bval/bvec beside it, or NRRD)")
+    evaluate.add_argument("--bval", help="b-values of all three (default: each file's own)")
+    evaluate.add_argument("--bvec", help="b-vectors of all three (default: each file's own)")
+    evaluate.add_argument("--out", help="folder for evaluation.json (default: print only)")
+
+    compare = commands.add_parser("compare", help="MP-PCA, Patch2Self, Stage I and DDM2 on one input: one "
+                                  "table and one report")
+    _add_input(compare)
+    compare.add_argument("--out", required=True, help="folder: the DDM2 run in OUT/ddm2, compare.* in OUT")
+    compare.add_argument("--truth", help="noise-free DWI (phantoms): adds PSNR, SSIM, FA/MD errors")
+    _add_training(compare, stage1_steps=1000, stage3_steps=1000)
     return parser
 
 
@@ -176,7 +195,39 @@ def run_maps(args: argparse.Namespace, reporter: Reporter) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"denoise": run_denoise, "demo": run_demo, "phantom": run_phantom, "maps": run_maps}
+def run_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
+    from ddm2 import dwi as dwi_io
+    from ddm2.evaluation import evaluate, format_evaluation
+    from ddm2.pipeline import write_json
+
+    noisy = dwi_io.load(args.noisy, args.bval, args.bvec)
+    denoised = dwi_io.load(args.denoised, args.bval, args.bvec)
+    truth = dwi_io.load(args.truth, args.bval, args.bvec) if args.truth else None
+    result = evaluate(noisy, denoised, truth)
+    if args.out:
+        write_json(Path(args.out) / "evaluation.json", result)
+    print(format_evaluation(result))
+    return EXIT_OK
+
+
+def run_compare(args: argparse.Namespace, reporter: Reporter) -> int:
+    from ddm2 import dwi as dwi_io
+    from ddm2.evaluation import compare_methods
+    from ddm2.pipeline import denoise
+
+    out = Path(args.out)
+    dwi = dwi_io.load(args.input, args.bval, args.bvec)
+    truth = dwi_io.load(args.truth, args.bval, args.bvec) if args.truth else None
+    result = denoise(args.input, out / "ddm2", _settings(args, save_stage1=True), reporter, bval=args.bval,
+                     bvec=args.bvec, device=args.device, resume=args.resume, dwi=dwi)
+    summary = compare_methods(dwi, {"Stage I": result.stage1.data, "DDM2": result.denoised.data}, truth, out)
+    print(summary["table"])
+    reporter.event("done", outputs={"compare": str((out / "compare.json").resolve())})
+    return EXIT_OK
+
+
+COMMANDS = {"denoise": run_denoise, "demo": run_demo, "phantom": run_phantom, "maps": run_maps,
+            "evaluate": run_evaluate, "compare": run_compare}
 
 
 if __name__ == "__main__":

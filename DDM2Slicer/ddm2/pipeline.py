@@ -53,7 +53,8 @@ class Settings:
     stage3_steps: int = 1000
     preset: str = "auto"  # "paper" on CUDA, "small" on CPU
     seed: int = 0
-    method: str = "directional"  # "paper": adjacent neighbours, no gradient information
+    method: str = "directional"  # "paper": adjacent neighbours, no gradient information, no context
+    context_slices: int = 1  # Stage I's through-plane context K (directional method only)
     batch_size: int = 0  # 0: the preset's
     learning_rate: float = 0.0  # 0: the preset's
     sampler: str = "ddpm"
@@ -245,6 +246,7 @@ class Run:
         directional = s.method == "directional" and not shell.is_b0
         neighbours = neighbour_table(bvecs, s.n, "angular" if directional else "adjacent")
         conditions = gradient_features(bvecs, bvals, neighbours) if directional else None
+        context = stage1.usable_context(s.context_slices, slices.shape[1]) if s.method == "directional" else 0
         self.record["shells"][shell.name]["neighbours"] = neighbours.tolist()
         device = self.device
         slices_t = torch.as_tensor(slices, device=device)
@@ -259,14 +261,14 @@ class Run:
         else:
             begin("stage1", 0)
             started = time.monotonic()
-            phi = UNet(preset_config(s.preset, in_channels=s.n,
+            phi = UNet(preset_config(s.preset, in_channels=stage1.input_channels(s.n, context),
                                      condition_dim=conditions.shape[1] if conditions is not None else 0)).to(device)
-            training.train(phi, stage1.stage1_batch_loss(phi, sampler_, neighbours_t, conditions_t),
+            training.train(phi, stage1.stage1_batch_loss(phi, sampler_, neighbours_t, conditions_t, context),
                            steps=s.stage1_steps, learning_rate=s.learning_rate,
                            checkpoint_path=folder / "stage1.pt", checkpoint_every=s.checkpoint_every,
                            randomness=training.Randomness.seeded(s.seed, device), reporter=self.reporter,
                            cancel=self.cancel, stage="stage1", shell=shell.name, device=device)
-            estimate = stage1.predict(phi, slices_t, neighbours_t, conditions_t, s.inference_batch, device)
+            estimate = stage1.predict(phi, slices_t, neighbours_t, conditions_t, s.inference_batch, device, context)
             save_array(estimate_path, estimate)
             self.timed(f"stage1_{shell.name}", time.monotonic() - started)
             self.save_record()

@@ -8,6 +8,11 @@ With gradient conditioning (our default) the network is also told the gradient e
 target and of the neighbours (``ddm2.data.gradient_features``) and the neighbours are the closest in
 angle. Without it (``method='paper'``), the neighbours are the adjacent volumes and the network has to
 guess which direction it predicts, which averages the anisotropy away.
+
+Through-plane context (``context`` = 1, our default): the input also holds slices z - 1 and z + 1 of
+each neighbour and of the target volume itself. Those carry the target direction's own contrast, and
+their noise is independent of slice z's, so the prediction stays J-invariant. Edge slices are mirrored
+(slice -1 is slice 1), which never lands on z itself; wider context would, so K is at most 1.
 """
 
 from __future__ import annotations
@@ -40,20 +45,45 @@ def random_flips(tensors: list[torch.Tensor], randomness: Randomness) -> list[to
     return [t.flip(dims) for t in tensors] if dims else tensors
 
 
+def input_channels(n: int, context: int) -> int:
+    """Channels of Stage I's input: n neighbours x (2K + 1) slices, plus 2K slices of the target."""
+    return n * (2 * context + 1) + 2 * context
+
+
+def usable_context(context: int, n_slices: int) -> int:
+    """K in {0, 1}; a single-slice stack has no neighbours to mirror, so it gets none."""
+    if context not in (0, 1):
+        raise ValueError(f"context must be 0 or 1 slices; got {context}")
+    return context if n_slices > 1 else 0
+
+
+def _mirror(index: torch.Tensor, n_slices: int) -> torch.Tensor:
+    index = index.abs()
+    return torch.where(index > n_slices - 1, 2 * (n_slices - 1) - index, index)
+
+
 def stage1_inputs(slices: torch.Tensor, neighbours: torch.Tensor, volumes: torch.Tensor,
-                  slice_index: torch.Tensor) -> torch.Tensor:
-    """(B, n, H, W): slice ``slice_index`` of each target volume's neighbours."""
+                  slice_index: torch.Tensor, context: int = 0) -> torch.Tensor:
+    """(B, input_channels(n, context), H, W): the neighbours' slices z - K..z + K, then the target
+    volume's slices z - K, z + K (never slice z of the target; K <= 1, see ``usable_context``)."""
+    n_slices = slices.shape[1]
+    offsets = torch.arange(-context, context + 1, device=slices.device)
+    around = _mirror(slice_index[:, None] + offsets[None, :], n_slices)  # (B, 2K + 1)
     neighbour_volumes = neighbours[volumes]  # (B, n)
-    return slices[neighbour_volumes, slice_index[:, None]]
+    parts = [slices[neighbour_volumes[:, :, None], around[:, None, :]].flatten(1, 2)]
+    if context:
+        own = around[:, offsets != 0]
+        parts.append(slices[volumes[:, None], own])
+    return torch.cat(parts, dim=1)
 
 
 def stage1_batch_loss(model: nn.Module, sampler: SliceSampler, neighbours: torch.Tensor,
-                      conditions: torch.Tensor | None):
+                      conditions: torch.Tensor | None, context: int = 0):
     """The loss closure of one Stage I step: MSE(Phi(neighbours), noisy target)."""
 
     def batch_loss(randomness: Randomness) -> torch.Tensor:
         volumes, slice_index = sampler.draw(randomness)
-        inputs = stage1_inputs(sampler.slices, neighbours, volumes, slice_index)
+        inputs = stage1_inputs(sampler.slices, neighbours, volumes, slice_index, context)
         target = sampler.slices[volumes, slice_index][:, None]
         inputs, target = random_flips([inputs, target], randomness)
         condition = conditions[volumes] if conditions is not None else None
@@ -64,7 +94,7 @@ def stage1_batch_loss(model: nn.Module, sampler: SliceSampler, neighbours: torch
 
 @torch.no_grad()
 def predict(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, conditions: torch.Tensor | None,
-            batch_size: int, device: torch.device) -> np.ndarray:
+            batch_size: int, device: torch.device, context: int = 0) -> np.ndarray:
     """Stage I's estimate of every slice of the shell, (V, Z, H, W) float32, computed once."""
     model.eval()
     n_volumes, n_slices = slices.shape[:2]
@@ -73,7 +103,7 @@ def predict(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, co
     for start in range(0, len(index), batch_size):
         batch = index[start:start + batch_size]
         volumes, slice_index = batch // n_slices, batch % n_slices
-        inputs = stage1_inputs(slices, neighbours, volumes, slice_index)
+        inputs = stage1_inputs(slices, neighbours, volumes, slice_index, context)
         condition = conditions[volumes] if conditions is not None else None
         with autocast(device):
             output = model(inputs, condition=condition).float()
