@@ -20,7 +20,8 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bvec", help="FSL b-vector file (default: INPUT's stem + .bvec)")
 
 
-def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_steps: int) -> None:
+def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_steps: int,
+                  sampler: str = "ddpm") -> None:
     from ddm2.pipeline import METHODS
     from ddm2.sampler import SAMPLERS
 
@@ -36,8 +37,9 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--context-slices", type=int, choices=[0, 1], default=1,
                        help="directional method: Stage I also sees slices z-1 and z+1 of the neighbours and "
                             "of the target volume (default 1; 0: the paper's single slice)")
-    group.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                       help="ddpm: every state from t* (the paper); ddim: --sampling-steps deterministic steps")
+    group.add_argument("--sampler", choices=SAMPLERS, default=sampler,
+                       help=f"ddpm: every state from t* (the paper); ddim: --sampling-steps deterministic steps "
+                            f"(default {sampler})")
     group.add_argument("--sampling-steps", type=int, default=20, help="steps of the ddim sampler (default 20)")
     group.add_argument("--flips", action="store_true", help="average F over 4 flips at every step (4x slower)")
     group.add_argument("--batch-size", type=int, default=0, help="training batch (default: 32 paper, 8 small)")
@@ -78,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--snr", type=float, default=10.0, help="phantom SNR (default 10)")
     demo.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
-    _add_training(demo, stage1_steps=600, stage3_steps=600)
+    # CPU-sized: the fast sampler, and step counts that finish in minutes on two cores
+    _add_training(demo, stage1_steps=800, stage3_steps=800, sampler="ddim")
 
     phantom = commands.add_parser("phantom", help="write the synthetic phantom (noisy and truth) as NIfTI")
     phantom.add_argument("--out", required=True, help="folder for noisy.nii.gz, truth.nii.gz and their bval/bvec")
@@ -112,10 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    reporter = Reporter(json_events=getattr(args, "progress", "text") == "json")
+    from ddm2 import distributed
     from ddm2.dwi import InputError
 
+    reporter = Reporter(json_events=getattr(args, "progress", "text") == "json", rank=distributed.rank())
     try:
+        if distributed.active() and args.command != "denoise":
+            raise InputError(f"only `ddm2 denoise` runs under torchrun: run `ddm2 {args.command}` as one process")
         return COMMANDS[args.command](args, reporter)
     except InputError as error:
         return _fail(reporter, str(error), EXIT_BAD_INPUT)
@@ -150,8 +156,9 @@ def run_denoise(args: argparse.Namespace, reporter: Reporter) -> int:
     settings = _settings(args, save_stage1=args.save_stage1, write_report=not args.no_report)
     result = denoise(args.input, args.out, settings, reporter, bval=args.bval, bvec=args.bvec,
                      device=args.device, resume=args.resume)
-    reporter.log(f"done: outputs in {Path(args.out).resolve()}")
-    reporter.event("done", outputs=result.outputs)
+    if result is not None:  # under torchrun, rank 0 wrote the outputs
+        reporter.log(f"done: outputs in {Path(args.out).resolve()}")
+        reporter.event("done", outputs=result.outputs)
     return EXIT_OK
 
 
