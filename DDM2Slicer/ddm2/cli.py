@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     maps = commands.add_parser("maps", help="brain mask and DTI maps (FA, MD, AD, RD, colour FA)")
     _add_input(maps)
     maps.add_argument("--out", required=True, help="folder for the maps")
+    maps.add_argument("--progress", choices=["text", "json"], default="text",
+                      help="json: a 'done' (or 'error') event with the output paths on stdout")
 
     evaluate = commands.add_parser("evaluate", help="SNR/CNR in the corpus callosum (dipy's protocol, both "
                                    "variants); with --truth also PSNR, SSIM and FA/MD errors")

@@ -260,8 +260,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
                                          dir=target.parent)
     os.close(handle)
     temporary = Path(temporary)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide the output from other users
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
