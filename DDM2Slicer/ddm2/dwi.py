@@ -179,7 +179,8 @@ def _load_nifti(path: Path, bval, bvec) -> DWI:
 def bvecs_from_fsl(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """FSL voxel-axis gradient directions (N, 3) -> unit RAS directions."""
     flip = np.diag([-1.0, 1.0, 1.0]) if np.linalg.det(affine[:3, :3]) > 0 else np.eye(3)
-    ras = np.asarray(bvecs, dtype=np.float64) @ (voxel_rotation(affine) @ flip).T
+    # some tools write NaN for the b = 0 direction; as zero, a b > 0 volume is then refused by validate()
+    ras = np.nan_to_num(np.asarray(bvecs, dtype=np.float64)) @ (voxel_rotation(affine) @ flip).T
     return _unit_rows(ras)
 
 

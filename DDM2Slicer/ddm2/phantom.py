@@ -59,7 +59,7 @@ def dipy_gradient_table(name: str) -> tuple[np.ndarray, np.ndarray]:
 
     files = get_fnames(name=name)
     bvals, bvecs = read_bvals_bvecs(files[1], files[2])
-    return bvals, bvecs
+    return bvals, np.nan_to_num(bvecs)  # some of dipy's tables write NaN for the b = 0 direction
 
 
 def _tissue_model(shape: tuple[int, int, int], supersample: int):
