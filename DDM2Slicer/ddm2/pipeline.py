@@ -16,6 +16,11 @@ cancelled or crashed run resumes from the last one written.
 b = 0 volumes: when there are at least n + 1 of them they form a "shell" of their own and are denoised
 like any other (with adjacent neighbours: they have no direction); with fewer they are passed through
 unchanged. Every shell of a multi-shell scan gets its own Stage I and Stage III models.
+
+Under torchrun (``ddm2.distributed``) every rank runs this same sequence: Stage I and III train with
+DistributedDataParallel, Stage I's estimate and the inference are split into interleaved shards of the
+slices, and rank 0 alone gathers the denoised slices and writes every file. The run directory must be
+one that every rank sees (one machine, or a shared file system): all ranks resume from its checkpoints.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm2 import __version__
+from ddm2 import __version__, distributed
 from ddm2 import dwi as dwi_io
 from ddm2.data import (Shell, denormalise_volumes, gradient_features, group_shells, neighbour_table,
                        normalise_volumes, shell_slices)
@@ -197,17 +202,44 @@ class Run:
         self.reporter = reporter
         self.device = device
         self.record = record
-        self.cancel = CancelToken(run_dir)
+        self.cancel = CancelToken(run_dir, agree=distributed.any_rank)
         self.schedule = DiffusionSchedule()
 
     def save_record(self) -> None:
-        write_json(self.run_dir / "run.json", self.record)
+        if distributed.is_main():
+            write_json(self.run_dir / "run.json", self.record)
 
     def timed(self, key: str, seconds: float) -> None:
         self.record.setdefault("timings_s", {})
         self.record["timings_s"][key] = round(self.record["timings_s"].get(key, 0.0) + seconds, 2)
 
-    def execute(self) -> RunResult:
+    def start(self) -> RunResult | None:
+        """Run the stages, keeping the status in run.json; None on ranks other than 0."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cancel.clear()
+        self.cancel.install_signal_handlers()
+        self.save_record()
+        self.reporter.event("start", run_dir=str(self.run_dir.resolve()), device=self.record["device"])
+        try:
+            result = self.execute()
+        except Cancelled:
+            self.record["status"] = "cancelled"
+            self.save_record()
+            raise
+        except BaseException as error:
+            self.record["status"] = "failed"
+            self.record["error"] = str(error) or type(error).__name__
+            self.save_record()
+            raise
+        if result is None:
+            return None
+        self.record["status"] = "done"
+        self.record["outputs"] = {**result.outputs, "run_json": str((self.run_dir / "run.json").resolve())}
+        self.save_record()
+        result.outputs = self.record["outputs"]
+        return result
+
+    def execute(self) -> RunResult | None:
         normalised, scales = normalise_volumes(self.dwi.data)
         shells, passed = planned_shells(self.dwi, self.settings.n)
         for shell in passed:
@@ -222,6 +254,8 @@ class Run:
             span = (1.0 - STAGE_WEIGHTS["outputs"]) * len(shell.indices) / total_slices
             results.append(self.denoise_shell(shell, shell_slices(normalised, shell), base, span))
             base += span
+        if not distributed.is_main():
+            return None
         self.reporter.begin("outputs", "all", base, STAGE_WEIGHTS["outputs"])
         return self.assemble(results, normalised, scales)
 
@@ -249,6 +283,8 @@ class Run:
         context = stage1.usable_context(s.context_slices, slices.shape[1]) if s.method == "directional" else 0
         self.record["shells"][shell.name]["neighbours"] = neighbours.tolist()
         device = self.device
+        rank = distributed.rank()  # each rank draws its own batches and noise
+        n_items = slices.shape[0] * slices.shape[1]  # flat slice index: volume * Z + slice
         slices_t = torch.as_tensor(slices, device=device)
         neighbours_t = torch.as_tensor(neighbours, device=device)
         conditions_t = torch.as_tensor(conditions, device=device) if conditions is not None else None
@@ -263,13 +299,19 @@ class Run:
             started = time.monotonic()
             phi = UNet(preset_config(s.preset, in_channels=stage1.input_channels(s.n, context),
                                      condition_dim=conditions.shape[1] if conditions is not None else 0)).to(device)
+            phi = distributed.wrap(phi, device)
             training.train(phi, stage1.stage1_batch_loss(phi, sampler_, neighbours_t, conditions_t, context),
                            steps=s.stage1_steps, learning_rate=s.learning_rate,
                            checkpoint_path=folder / "stage1.pt", checkpoint_every=s.checkpoint_every,
-                           randomness=training.Randomness.seeded(s.seed, device), reporter=self.reporter,
+                           randomness=training.Randomness.seeded(s.seed + rank, device), reporter=self.reporter,
                            cancel=self.cancel, stage="stage1", shell=shell.name, device=device)
-            estimate = stage1.predict(phi, slices_t, neighbours_t, conditions_t, s.inference_batch, device, context)
-            save_array(estimate_path, estimate)
+            items = distributed.shard(np.arange(n_items))
+            rows = stage1.predict(training.unwrap(phi), slices_t, neighbours_t, conditions_t, s.inference_batch,
+                                  device, context, items)
+            # every rank needs the whole estimate: Stage II and III use all of it
+            estimate = distributed.gather_rows(rows, items, n_items, to_all=True)[0].reshape(slices.shape)
+            if distributed.is_main():
+                save_array(estimate_path, estimate)
             self.timed(f"stage1_{shell.name}", time.monotonic() - started)
             self.save_record()
 
@@ -301,12 +343,14 @@ class Run:
         begin("stage3", 2)
         started = time.monotonic()
         denoiser = UNet(preset_config(s.preset, in_channels=1, noise_embedding=True)).to(device)
+        denoiser = distributed.wrap(denoiser, device)
         estimate_t = torch.as_tensor(estimate, device=device)
         states_t = torch.as_tensor(states, device=device)
         training.train(denoiser, stage3.stage3_batch_loss(denoiser, sampler_, estimate_t, states_t, self.schedule),
                        steps=s.stage3_steps, learning_rate=s.learning_rate, checkpoint_path=folder / "stage3.pt",
                        checkpoint_every=s.checkpoint_every,
-                       randomness=training.Randomness.seeded(s.seed + 1000, device), reporter=self.reporter,
+                       randomness=training.Randomness.seeded(s.seed + 1000 + rank, device),
+                       reporter=self.reporter,
                        cancel=self.cancel, stage="stage3", shell=shell.name, device=device)
         self.timed(f"stage3_{shell.name}", time.monotonic() - started)
 
@@ -318,10 +362,29 @@ class Run:
             self.reporter.progress("inference", shell.name, done, total)
             self.cancel.check()
 
-        flat, curves = sampler.denoise_slices(
-            denoiser, slices.reshape(-1, *slices.shape[2:]), states.reshape(-1), self.schedule,
-            sampler=s.sampler, steps=s.sampling_steps, flips=s.flips, batch_size=s.inference_batch,
-            device=device, randomness=training.Randomness.seeded(s.seed + 2000, device), on_batch=on_batch)
+        flat_states = states.reshape(-1)
+        # interleaved shards of the slices sorted by state: every rank gets as many long chains as short
+        items = distributed.shard(np.argsort(flat_states, kind="stable"))
+        rows, curves_here = sampler.denoise_slices(
+            training.unwrap(denoiser), slices.reshape(-1, *slices.shape[2:])[items], flat_states[items],
+            self.schedule, sampler=s.sampler, steps=s.sampling_steps, flips=s.flips, batch_size=s.inference_batch,
+            device=device, randomness=training.Randomness.seeded(s.seed + 2000 + rank, device), on_batch=on_batch)
+
+        def batch_count(count: int) -> int:
+            return -(-count // s.inference_batch)
+
+        # a rank with a shorter shard ran fewer batches: it still joins every collective cancel decision
+        for _ in range(batch_count(distributed.longest_shard(n_items)) - batch_count(len(items))):
+            self.cancel.check()
+        flat, items_by_rank = distributed.gather_rows(rows, items, n_items, to_all=False)
+        curves_by_rank = distributed.gather_objects(curves_here)
+        if not distributed.is_main():
+            return ShellResult(shell, estimate, None, states, [])
+        curves: list[np.ndarray] = [np.empty(0)] * n_items
+        for rank_items, rank_curves in zip(items_by_rank, curves_by_rank):
+            for item, curve in zip(rank_items, rank_curves):
+                curves[item] = curve
+        self.record["shells"][shell.name]["inference_slices_by_rank"] = [part.tolist() for part in items_by_rank]
         denoised = flat.reshape(slices.shape)
         with atomic_path(curves_path) as temporary:
             with open(temporary, "wb") as handle:
@@ -416,8 +479,9 @@ def write_outputs(noisy: DWI, denoised: DWI, stage1: DWI | None, run_dir: Path, 
 
 def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, reporter: Reporter, *,
             bval: str | None = None, bvec: str | None = None, device: str = "auto",
-            resume: bool = False, dwi: DWI | None = None) -> RunResult:
-    """Denoise a DWI file into ``out_dir`` (see the module docstring), resuming if asked.
+            resume: bool = False, dwi: DWI | None = None) -> RunResult | None:
+    """Denoise a DWI file into ``out_dir`` (see the module docstring), resuming if asked; under torchrun
+    the result is rank 0's, None on the other ranks.
 
     Raises InputError for bad input, Cancelled when cancelled (checkpoint written; resumable).
     """
@@ -427,9 +491,10 @@ def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, rep
     if dwi is None:
         dwi = dwi_io.load(input_path, bval, bvec)
     dwi_io.validate(dwi, settings.n)
-    if run_dir.exists() and run_dir.resolve() == Path(input_path).resolve().parent and \
-            Path(input_path).name.startswith("denoised."):
-        raise InputError(f"{input_path} would be overwritten by the outputs: choose another --out")
+    planned_shells(dwi, settings.n)  # a shell too small for n is refused before anything is written
+    if run_dir.resolve() == Path(input_path).resolve().parent:
+        raise InputError(f"--out {run_dir} is the input's own folder: choose another --out, so that no "
+                         "output can overwrite the input")
     digest = file_digest([p for p in input_files if p.exists()])
 
     if resume:
@@ -449,33 +514,14 @@ def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, rep
                              "another --out")
         record = {}
 
-    torch_device = resolve_device(device, reporter)
+    torch_device = distributed.rank_device(resolve_device(device, reporter))
     settings = settings.resolved(torch_device.type)
     import torch
 
     torch.manual_seed(settings.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
     record.update({"status": "running", "input": str(Path(input_path).resolve()), "input_sha256": digest,
                    "shape": list(dwi.data.shape), "parameters": asdict(settings), "versions": versions(),
-                   "device": describe_device(torch_device)})
+                   "device": describe_device(torch_device), "processes": distributed.world_size()})
     run = Run(dwi, run_dir, settings, reporter, torch_device, record)
-    run.cancel.clear()
-    run.cancel.install_signal_handlers()
-    run.save_record()
-    reporter.event("start", run_dir=str(run_dir.resolve()), device=record["device"])
-    try:
-        result = run.execute()
-    except Cancelled:
-        record["status"] = "cancelled"
-        run.save_record()
-        raise
-    except BaseException as error:
-        record["status"] = "failed"
-        record["error"] = str(error) or type(error).__name__
-        run.save_record()
-        raise
-    record["status"] = "done"
-    record["outputs"] = {**result.outputs, "run_json": str(record_path.resolve())}
-    run.save_record()
-    result.outputs = record["outputs"]
-    return result
+    with distributed.process_group(torch_device):
+        return run.start()

@@ -1,7 +1,8 @@
 """Progress events, logs and cancellation.
 
 With ``--progress json`` every event is one JSON object on one line of stdout (what the Slicer module
-reads); otherwise progress is a readable line on stderr. Logs always go to stderr.
+reads); otherwise progress is a readable line on stderr. Logs always go to stderr. Under torchrun only
+rank 0 emits events and progress; the other ranks' logs carry their rank.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -27,10 +28,15 @@ class Cancelled(Exception):
 
 
 class CancelToken:
-    """A cancel request: a file named ``cancel`` in the run directory, or SIGTERM/SIGINT."""
+    """A cancel request: a file named ``cancel`` in the run directory, or SIGTERM/SIGINT.
 
-    def __init__(self, run_dir: str | Path) -> None:
+    ``agree`` turns this process's request into the decision of all processes of a run (under torchrun:
+    ``ddm2.distributed.any_rank``); then ``check`` is a collective that every rank calls equally often.
+    """
+
+    def __init__(self, run_dir: str | Path, agree: Callable[[bool], bool] = bool) -> None:
         self.file = Path(run_dir) / "cancel"
+        self.agree = agree
         self._signalled = False
 
     def install_signal_handlers(self) -> None:
@@ -49,7 +55,7 @@ class CancelToken:
         return self._signalled or self.file.exists()
 
     def check(self) -> None:
-        if self.requested():
+        if self.agree(self.requested()):
             raise Cancelled()
 
 
@@ -57,11 +63,14 @@ class Reporter:
     """Emits progress events and logs; computes the ETA of the running stage."""
 
     def __init__(self, json_events: bool = False, stdout: TextIO | None = None, stderr: TextIO | None = None,
-                 min_interval_s: float = 0.5) -> None:
+                 min_interval_s: float = 0.5, rank: int = 0) -> None:
         self.json_events = json_events
+        self.rank = rank  # under torchrun: only rank 0 reports events and progress
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
-        self.min_interval_s = min_interval_s
+        # a terminal redraws one line in place; a log file (or CI) gets a full line every 10 s instead
+        self.in_place = not json_events and self.stderr.isatty()
+        self.min_interval_s = min_interval_s if json_events or self.in_place else max(min_interval_s, 10.0)
         self._stage_key: tuple | None = None
         self._stage_start = 0.0
         self._first_step = 0
@@ -70,12 +79,13 @@ class Reporter:
         self.fraction_span = 0.0  # overall fraction the running stage covers
 
     def event(self, name: str, **fields) -> None:
-        if self.json_events:
+        if self.json_events and self.rank == 0:
             self.stdout.write(json.dumps({"event": name, **fields}) + "\n")
             self.stdout.flush()
 
     def log(self, message: str) -> None:
-        self.stderr.write(f"[ddm2] {message}\n")
+        prefix = f"[ddm2 rank {self.rank}]" if self.rank else "[ddm2]"
+        self.stderr.write(f"{prefix} {message}\n")
         self.stderr.flush()
 
     def begin(self, stage: str, shell: str, base: float, span: float) -> None:
@@ -84,6 +94,8 @@ class Reporter:
         self._stage_key = None
 
     def progress(self, stage: str, shell: str, step: int, total: int, loss: float | None = None) -> None:
+        if self.rank:
+            return
         now = time.monotonic()
         if self._stage_key != (stage, shell):
             self._stage_key = (stage, shell)
@@ -108,5 +120,8 @@ class Reporter:
                 text += f" loss {loss:.5f}"
             if eta is not None:
                 text += f" eta {eta:.0f}s"
-            self.stderr.write(f"\r[ddm2] {text}    " + ("\n" if finished else ""))
+            if self.in_place:
+                self.stderr.write(f"\r[ddm2] {text}    " + ("\n" if finished else ""))
+            else:
+                self.stderr.write(f"[ddm2] {text}\n")
             self.stderr.flush()

@@ -91,7 +91,7 @@ def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, sche
     """
     model.eval()
     states = np.asarray(states, dtype=np.int64)
-    if states.min() < 1:
+    if states.size and states.min() < 1:
         raise ValueError("every state must be >= 1; raise state-0 matches to 1 before sampling")
     eta = 1.0 if sampler == "ddpm" else 0.0
     alpha_bar = torch.as_tensor(schedule.alpha_bar, dtype=torch.float64, device=device)

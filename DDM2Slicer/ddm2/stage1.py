@@ -94,12 +94,13 @@ def stage1_batch_loss(model: nn.Module, sampler: SliceSampler, neighbours: torch
 
 @torch.no_grad()
 def predict(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, conditions: torch.Tensor | None,
-            batch_size: int, device: torch.device, context: int = 0) -> np.ndarray:
-    """Stage I's estimate of every slice of the shell, (V, Z, H, W) float32, computed once."""
+            batch_size: int, device: torch.device, context: int = 0, items: np.ndarray | None = None) -> np.ndarray:
+    """Stage I's estimate of the slices ``items`` (flat indices volume * Z + slice; default every slice
+    of the shell), (len(items), H, W) float32, computed once."""
     model.eval()
     n_volumes, n_slices = slices.shape[:2]
-    estimate = np.empty(tuple(slices.shape), dtype=np.float32)
-    index = torch.arange(n_volumes * n_slices, device=slices.device)
+    index = torch.as_tensor(np.arange(n_volumes * n_slices) if items is None else items, device=slices.device)
+    estimate = np.empty((len(index), *slices.shape[2:]), dtype=np.float32)
     for start in range(0, len(index), batch_size):
         batch = index[start:start + batch_size]
         volumes, slice_index = batch // n_slices, batch % n_slices
@@ -107,5 +108,5 @@ def predict(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, co
         condition = conditions[volumes] if conditions is not None else None
         with autocast(device):
             output = model(inputs, condition=condition).float()
-        estimate[volumes.cpu().numpy(), slice_index.cpu().numpy()] = output[:, 0].cpu().numpy()
+        estimate[start:start + len(batch)] = output[:, 0].cpu().numpy()
     return estimate

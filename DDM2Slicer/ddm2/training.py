@@ -1,5 +1,9 @@
 """The optimisation loop shared by Stage I and Stage III: Adam, cosine learning rate, checkpoints
-every K steps and on cancellation, resume from the last checkpoint, progress events."""
+every K steps and on cancellation, resume from the last checkpoint, progress events.
+
+Under torchrun the model comes wrapped in DistributedDataParallel (``ddm2.distributed.wrap``): every
+rank runs this loop on its own batches, rank 0 alone writes the checkpoint, which holds the random
+state of every rank, and every rank resumes from it."""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ddm2.dwi import atomic_path
-from ddm2.progress import CancelToken, Reporter
+from ddm2 import distributed
+from ddm2.dwi import InputError, atomic_path
+from ddm2.progress import Cancelled, CancelToken, Reporter
 
 
 @dataclass
@@ -57,15 +62,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def restore_randomness(randomness: Randomness, by_rank: list[dict], checkpoint_path: Path) -> None:
+    """Continue this rank's random streams from a checkpoint written by the same number of ranks."""
+    if len(by_rank) != distributed.world_size():
+        raise InputError(f"{checkpoint_path} was written by {len(by_rank)} process(es): resume with the same "
+                         "number (torchrun --nproc_per_node, or no torchrun for 1)")
+    randomness.restore(by_rank[distributed.rank()])
+
+
 def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *, steps: int,
           learning_rate: float, checkpoint_path: Path, checkpoint_every: int, randomness: Randomness,
-          reporter: Reporter, cancel: CancelToken, stage: str, shell: str, device: torch.device,
-          is_main: bool = True) -> list[float]:
+          reporter: Reporter, cancel: CancelToken, stage: str, shell: str, device: torch.device) -> list[float]:
     """Minimise ``batch_loss`` for ``steps`` steps, resuming from ``checkpoint_path`` if it exists.
 
     The checkpoint holds the model, optimiser, scheduler, step and random states, so a resumed run
     draws the same batches as an uninterrupted one. Raises ``Cancelled`` (after checkpointing) when a
-    cancel is requested. Returns the loss of every step run in this call.
+    cancel is requested; under torchrun the ranks decide it together (``cancel``'s agreement), so all
+    stop at the same step. Returns the loss of every step run in this call.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     # cosine decay to 1% so that short CPU budgets still end on small steps
@@ -77,15 +90,16 @@ def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *,
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        randomness.restore(state["randomness"])
+        restore_randomness(randomness, state["randomness"], checkpoint_path)
         step = state["step"]
         if step < steps:
             reporter.log(f"{stage} [{shell}]: resuming at step {step} of {steps}")
 
     def checkpoint() -> None:
-        if is_main:
+        randomness_by_rank = distributed.gather_objects(randomness.state())  # a collective: every rank
+        if distributed.is_main():
             save_checkpoint(checkpoint_path, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), randomness=randomness.state(), step=step)
+                            scheduler=scheduler.state_dict(), randomness=randomness_by_rank, step=step)
 
     losses = []
     model.train()
@@ -103,8 +117,12 @@ def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *,
             reporter.progress(stage, shell, step, steps, loss=losses[-1])
             if step % checkpoint_every == 0 or step == steps:
                 checkpoint()
+    except Cancelled:
+        checkpoint()  # keep what was learned; every rank stops here, so all take part in the checkpoint
+        raise
     except BaseException:
-        checkpoint()  # cancelled, interrupted or failed: keep what was learned
+        if not distributed.active():  # other ranks may be inside a collective: the last periodic one stands
+            checkpoint()  # interrupted or failed: keep what was learned
         raise
     model.eval()
     return losses
