@@ -191,14 +191,14 @@ def run_phantom(args: argparse.Namespace, reporter: Reporter) -> int:
 
 def run_maps(args: argparse.Namespace, reporter: Reporter) -> int:
     from ddm2 import dwi as dwi_io
-    from ddm2.maps import brain_mask, dti_maps
+    from ddm2.maps import brain_mask
+    from ddm2.pipeline import write_maps
 
     dwi = dwi_io.load(args.input, args.bval, args.bvec)
     out = Path(args.out)
     mask = brain_mask(dwi.data, dwi.bvals)
-    outputs = {"mask": dwi_io.save_volume(mask.astype("float32"), dwi.affine, out / "mask.nii.gz")}
-    for name, volume in dti_maps(dwi.data, dwi.bvals, dwi.bvecs_voxel(), mask=mask).items():
-        outputs[name] = dwi_io.save_volume(volume, dwi.affine, out / f"{name}.nii.gz")
+    outputs = {"mask": dwi_io.save_volume(mask.astype("float32"), dwi.affine, out / "mask.nii.gz"),
+               **write_maps(dwi, mask, out)[1]}
     reporter.event("done", outputs={k: str(v.resolve()) for k, v in outputs.items()})
     reporter.log(f"maps written to {out.resolve()}")
     return EXIT_OK

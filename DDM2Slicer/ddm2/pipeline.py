@@ -435,11 +435,22 @@ class Run:
         return curves, flags
 
 
+def write_maps(dwi: DWI, mask: np.ndarray, out_dir: Path,
+               suffix: str = "") -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+    """DTI maps of ``dwi`` inside ``mask``, written as ``<map><suffix>.nii.gz``; returns (maps, name -> path)."""
+    from ddm2.maps import dti_maps
+
+    maps = dti_maps(dwi.data, dwi.bvals, dwi.bvecs_voxel(), mask=mask)
+    written = {f"{name}{suffix}": dwi_io.save_volume(volume, dwi.affine, out_dir / f"{name}{suffix}.nii.gz")
+               for name, volume in maps.items()}
+    return maps, written
+
+
 def write_outputs(noisy: DWI, denoised: DWI, stage1: DWI | None, run_dir: Path, curves: list[np.ndarray],
                   flags: np.ndarray | None, write_report: bool,
                   reporter: Reporter) -> tuple[dict[str, str], dict[str, dict[str, np.ndarray]]]:
     """Write every output of the contract into ``run_dir``; returns (name -> absolute path, the maps)."""
-    from ddm2.maps import brain_mask, dti_maps
+    from ddm2.maps import brain_mask
 
     outputs: dict[str, Path] = {}
     steps = 6
@@ -459,9 +470,8 @@ def write_outputs(noisy: DWI, denoised: DWI, stage1: DWI | None, run_dir: Path, 
     outputs["mask"] = dwi_io.save_volume(mask.astype(np.float32), noisy.affine, run_dir / "mask.nii.gz")
     maps = {}
     for key, suffix, source in (("denoised", "", denoised), ("input", "_input", noisy)):
-        maps[key] = dti_maps(source.data, source.bvals, source.bvecs_voxel(), mask=mask)
-        for name, volume in maps[key].items():
-            outputs[f"{name}{suffix}"] = dwi_io.save_volume(volume, noisy.affine, run_dir / f"{name}{suffix}.nii.gz")
+        maps[key], written = write_maps(source, mask, run_dir, suffix)
+        outputs.update(written)
     reporter.progress("outputs", "all", 5, steps)
     if write_report:
         from ddm2.report import write_report as render_report
