@@ -596,7 +596,7 @@ class DDM2SlicerTest(ScriptedLoadableModuleTest):
         inputNode = self.createSyntheticDwi()
         logic = DDM2SlicerLogic()
         # Enough steps that Cancel lands mid-training, few enough for a CPU test.
-        settings = engine.DenoiseSettings(neighbours=2, stage1Steps=300, stage3Steps=300, preset="quick preview",
+        settings = engine.DenoiseSettings(neighbours=2, stage1Steps=100, stage3Steps=50, preset="quick preview",
                                           device="CPU", seed=0, extraArguments=self.fastSampling)
         events = []
         job = logic.startDenoising(inputNode, settings, onEvent=events.append, useTimer=False)
