@@ -8,8 +8,8 @@ import pytest
 
 from ddm2 import dwi as dwi_io
 from ddm2.dwi import DWI, InputError
+from paths import PHILIPS
 
-PHILIPS = "/work/shared/data/philips-dwi/philips_dwi.nii.gz"
 
 
 def rotation(angle_deg: float, axis: int) -> np.ndarray:
@@ -92,7 +92,7 @@ def test_nrrd_measurement_frame_rotates_gradients_into_ras(tmp_path):
 
 def test_fsl_bvecs_of_the_real_scan_map_back_to_the_file():
     scan = dwi_io.load(PHILIPS)
-    file_bvecs = np.loadtxt(PHILIPS.replace(".nii.gz", ".bvec")).T
+    file_bvecs = np.loadtxt(str(PHILIPS).replace(".nii.gz", ".bvec")).T
     back = dwi_io.bvecs_to_fsl(scan.bvecs, scan.affine)
     unit = file_bvecs / np.linalg.norm(file_bvecs, axis=1, keepdims=True)
     np.testing.assert_allclose(back, unit, atol=1e-9)

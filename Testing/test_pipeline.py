@@ -20,8 +20,8 @@ from ddm2 import dwi as dwi_io
 from ddm2.cli import main
 from ddm2.phantom import default_gradient_table, make_phantom
 from ddm2.progress import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK
+from paths import PHILIPS
 
-PHILIPS = Path("/work/shared/data/philips-dwi/philips_dwi.nii.gz")
 TINY = ["--stage1-steps", "4", "--stage3-steps", "4", "--sampler", "ddim", "--sampling-steps", "2",
         "--device", "cpu", "--preset", "small"]
 CONTRACT_OUTPUTS = ["denoised.nii.gz", "denoised.bval", "denoised.bvec", "denoised.nrrd", "residual.nii.gz",
