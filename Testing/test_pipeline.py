@@ -291,3 +291,20 @@ def test_phantom_and_maps_commands_write_the_truth_and_its_maps(tmp_path, capsys
     inside = (nib.load(events[-1]["outputs"]["mask"]).get_fdata() > 0) & (true_fa > 0)
     # noise-free signal: the fitted FA is the phantom's own, up to partial-volume mixing at edges
     assert np.median(np.abs(fa[inside] - true_fa[inside])) < 0.02
+
+
+def test_gpu_out_of_memory_names_the_fix(tiny_input, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from ddm2 import training
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "train", out_of_memory)
+    code, events, err = run_cli(["denoise", str(tiny_input), "--out", str(tmp_path / "r"), "--progress", "json",
+                                 *TINY, "--no-report"], capsys)
+    assert code == EXIT_FAILURE
+    assert events[-1]["event"] == "error" and "--batch-size" in events[-1]["message"]
+    assert "--resume" in events[-1]["message"]
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "failed"
