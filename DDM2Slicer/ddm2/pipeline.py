@@ -261,137 +261,16 @@ class Run:
 
     # --------------------------------------------------------------------------- one shell
     def denoise_shell(self, shell: Shell, slices: np.ndarray, base: float, span: float) -> ShellResult:
-        import torch
-
-        from ddm2 import sampler, stage1, stage3, training
-        from ddm2.unet import UNet, preset_config
-
-        s = self.settings
-        folder = self.run_dir / "checkpoints" / shell.name
-        folder.mkdir(parents=True, exist_ok=True)
-        weights = {k: STAGE_WEIGHTS[k] / (1 - STAGE_WEIGHTS["outputs"]) for k in STAGE_WEIGHTS}
-        marks = np.cumsum([0.0] + [weights[k] for k in ("stage1", "stage2", "stage3", "inference")])
-
-        def begin(stage: str, position: int) -> None:
-            self.reporter.begin(stage, shell.name, base + span * marks[position], span * weights[stage])
-
-        bvecs = self.dwi.bvecs[list(shell.indices)]
-        bvals = self.dwi.bvals[list(shell.indices)]
-        directional = s.method == "directional" and not shell.is_b0
-        neighbours = neighbour_table(bvecs, s.n, "angular" if directional else "adjacent")
-        conditions = gradient_features(bvecs, bvals, neighbours) if directional else None
-        context = stage1.usable_context(s.context_slices, slices.shape[1]) if s.method == "directional" else 0
-        self.record["shells"][shell.name]["neighbours"] = neighbours.tolist()
-        device = self.device
-        rank = distributed.rank()  # each rank draws its own batches and noise
-        n_items = slices.shape[0] * slices.shape[1]  # flat slice index: volume * Z + slice
-        slices_t = torch.as_tensor(slices, device=device)
-        neighbours_t = torch.as_tensor(neighbours, device=device)
-        conditions_t = torch.as_tensor(conditions, device=device) if conditions is not None else None
-        sampler_ = stage1.SliceSampler(slices_t, s.batch_size)
-
-        # Stage I
-        estimate_path = folder / "stage1_estimate.npy"
-        if estimate_path.exists():
-            estimate = np.load(estimate_path)
-        else:
-            begin("stage1", 0)
-            started = time.monotonic()
-            phi = UNet(preset_config(s.preset, in_channels=stage1.input_channels(s.n, context),
-                                     condition_dim=conditions.shape[1] if conditions is not None else 0)).to(device)
-            phi = distributed.wrap(phi, device)
-            training.train(phi, stage1.stage1_batch_loss(phi, sampler_, neighbours_t, conditions_t, context),
-                           steps=s.stage1_steps, learning_rate=s.learning_rate,
-                           checkpoint_path=folder / "stage1.pt", checkpoint_every=s.checkpoint_every,
-                           randomness=training.Randomness.seeded(s.seed + rank, device), reporter=self.reporter,
-                           cancel=self.cancel, stage="stage1", shell=shell.name, device=device)
-            items = distributed.shard(np.arange(n_items))
-            rows = stage1.predict(training.unwrap(phi), slices_t, neighbours_t, conditions_t, s.inference_batch,
-                                  device, context, items)
-            # every rank needs the whole estimate: Stage II and III use all of it
-            estimate = distributed.gather_rows(rows, items, n_items, to_all=True)[0].reshape(slices.shape)
-            if distributed.is_main():
-                save_array(estimate_path, estimate)
-            self.timed(f"stage1_{shell.name}", time.monotonic() - started)
-            self.save_record()
-
-        # Stage II
-        begin("stage2", 1)
-        started = time.monotonic()
-        matched = self.schedule.match_states(slices.reshape(-1, *slices.shape[2:]),
-                                             estimate.reshape(-1, *estimate.shape[2:]))
-        raised = int((matched == 0).sum())
-        if raised:
-            self.reporter.log(f"stage2 [{shell.name}]: {raised} slice(s) matched state 0 (no noise found, "
-                              "e.g. empty slices); raised to state 1")
-        states = matched.clip(min=1).reshape(slices.shape[:2])
-        self.reporter.progress("stage2", shell.name, 1, 1)
-        self.record["shells"][shell.name]["stage2"] = {
-            "states": states.tolist(), "raised_from_zero": raised,
-            "median_state": float(np.median(states)), "min_state": int(states.min()),
-            "max_state": int(states.max()),
-            "noise_std_median": float(np.median(self.schedule.noise_std[states]))}
-        self.timed(f"stage2_{shell.name}", time.monotonic() - started)
-        self.save_record()
-
-        # Stage III
-        denoised_path, curves_path = folder / "denoised.npy", folder / "curves.npz"
-        if denoised_path.exists() and curves_path.exists():
-            with np.load(curves_path) as stored:
-                curves = [stored[f"slice{i}"] for i in range(len(stored.files))]
-            return ShellResult(shell, estimate, np.load(denoised_path), states, curves)
-        begin("stage3", 2)
-        started = time.monotonic()
-        denoiser = UNet(preset_config(s.preset, in_channels=1, noise_embedding=True)).to(device)
-        denoiser = distributed.wrap(denoiser, device)
-        estimate_t = torch.as_tensor(estimate, device=device)
-        states_t = torch.as_tensor(states, device=device)
-        training.train(denoiser, stage3.stage3_batch_loss(denoiser, sampler_, estimate_t, states_t, self.schedule),
-                       steps=s.stage3_steps, learning_rate=s.learning_rate, checkpoint_path=folder / "stage3.pt",
-                       checkpoint_every=s.checkpoint_every,
-                       randomness=training.Randomness.seeded(s.seed + 1000 + rank, device),
-                       reporter=self.reporter,
-                       cancel=self.cancel, stage="stage3", shell=shell.name, device=device)
-        self.timed(f"stage3_{shell.name}", time.monotonic() - started)
-
-        # inference
-        begin("inference", 3)
-        started = time.monotonic()
-
-        def on_batch(done: int, total: int) -> None:
-            self.reporter.progress("inference", shell.name, done, total)
-            self.cancel.check()
-
-        flat_states = states.reshape(-1)
-        # interleaved shards of the slices sorted by state: every rank gets as many long chains as short
-        items = distributed.shard(np.argsort(flat_states, kind="stable"))
-        rows, curves_here = sampler.denoise_slices(
-            training.unwrap(denoiser), slices.reshape(-1, *slices.shape[2:])[items], flat_states[items],
-            self.schedule, sampler=s.sampler, steps=s.sampling_steps, flips=s.flips, batch_size=s.inference_batch,
-            device=device, randomness=training.Randomness.seeded(s.seed + 2000 + rank, device), on_batch=on_batch)
-
-        def batch_count(count: int) -> int:
-            return -(-count // s.inference_batch)
-
-        # a rank with a shorter shard ran fewer batches: it still joins every collective cancel decision
-        for _ in range(batch_count(distributed.longest_shard(n_items)) - batch_count(len(items))):
-            self.cancel.check()
-        flat, items_by_rank = distributed.gather_rows(rows, items, n_items, to_all=False)
-        curves_by_rank = distributed.gather_objects(curves_here)
-        if not distributed.is_main():
-            return ShellResult(shell, estimate, None, states, [])
-        curves: list[np.ndarray] = [np.empty(0)] * n_items
-        for rank_items, rank_curves in zip(items_by_rank, curves_by_rank):
-            for item, curve in zip(rank_items, rank_curves):
-                curves[item] = curve
-        self.record["shells"][shell.name]["inference_slices_by_rank"] = [part.tolist() for part in items_by_rank]
-        denoised = flat.reshape(slices.shape)
-        with atomic_path(curves_path) as temporary:
-            with open(temporary, "wb") as handle:
-                np.savez(handle, **{f"slice{i}": c for i, c in enumerate(curves)})
-        save_array(denoised_path, denoised)
-        self.timed(f"inference_{shell.name}", time.monotonic() - started)
-        self.save_record()
+        """The three stages and the inference of one shell, each skipped when its result is stored."""
+        job = ShellJob(self, shell, slices, base, span)
+        estimate = job.stage1()
+        states = job.stage2(estimate)
+        stored = job.stored_result()
+        if stored is not None:
+            denoised, curves = stored
+            return ShellResult(shell, estimate, denoised, states, curves)
+        denoiser = job.stage3(estimate, states)
+        denoised, curves = job.inference(denoiser, states)
         return ShellResult(shell, estimate, denoised, states, curves)
 
     # ------------------------------------------------------------------------------ outputs
@@ -433,6 +312,173 @@ class Run:
             self.record["shells"][result.shell.name]["outlier_slices"] = [
                 [int(result.shell.indices[i // n_slices]), int(i % n_slices)] for i in flagged]
         return curves, flags
+
+
+class ShellJob:
+    """One shell's stages in its checkpoint folder ``checkpoints/<shell>``; used by ``Run``."""
+
+    def __init__(self, run: Run, shell: Shell, slices: np.ndarray, base: float, span: float) -> None:
+        import torch
+
+        from ddm2 import stage1
+
+        self.run, self.shell, self.slices = run, shell, slices
+        self.settings = s = run.settings
+        self.device = run.device
+        self.folder = run.run_dir / "checkpoints" / shell.name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.base, self.span = base, span
+        self.rank = distributed.rank()  # each rank draws its own batches and noise
+        self.n_items = slices.shape[0] * slices.shape[1]  # flat slice index: volume * Z + slice
+        bvecs = run.dwi.bvecs[list(shell.indices)]
+        bvals = run.dwi.bvals[list(shell.indices)]
+        directional = s.method == "directional" and not shell.is_b0
+        neighbours = neighbour_table(bvecs, s.n, "angular" if directional else "adjacent")
+        self.conditions = gradient_features(bvecs, bvals, neighbours) if directional else None
+        self.context = stage1.usable_context(s.context_slices, slices.shape[1]) if s.method == "directional" else 0
+        run.record["shells"][shell.name]["neighbours"] = neighbours.tolist()
+        self.slices_t = torch.as_tensor(slices, device=self.device)
+        self.neighbours_t = torch.as_tensor(neighbours, device=self.device)
+        self.conditions_t = torch.as_tensor(self.conditions, device=self.device) if directional else None
+        self.batches = stage1.SliceSampler(self.slices_t, s.batch_size)
+
+    def begin(self, stage: str) -> None:
+        """Tell the reporter which part of the whole run the stage covers."""
+        weights = {k: STAGE_WEIGHTS[k] / (1 - STAGE_WEIGHTS["outputs"]) for k in STAGE_WEIGHTS}
+        order = ("stage1", "stage2", "stage3", "inference")
+        start = sum(weights[k] for k in order[:order.index(stage)])
+        self.run.reporter.begin(stage, self.shell.name, self.base + self.span * start, self.span * weights[stage])
+
+    def train(self, model, batch_loss, stage: str, steps: int, seed_offset: int) -> None:
+        from ddm2 import training
+
+        training.train(model, batch_loss, steps=steps, learning_rate=self.settings.learning_rate,
+                       checkpoint_path=self.folder / f"{stage}.pt", checkpoint_every=self.settings.checkpoint_every,
+                       randomness=training.Randomness.seeded(self.settings.seed + seed_offset + self.rank, self.device),
+                       reporter=self.run.reporter, cancel=self.run.cancel, stage=stage, shell=self.shell.name,
+                       device=self.device)
+
+    def stage1(self) -> np.ndarray:
+        """Stage I's estimate of every slice (V, Z, H, W): trained and computed once, then read back."""
+        from ddm2 import stage1, training
+        from ddm2.unet import UNet, preset_config
+
+        path = self.folder / "stage1_estimate.npy"
+        if path.exists():
+            return np.load(path)
+        self.begin("stage1")
+        started = time.monotonic()
+        s = self.settings
+        condition_dim = self.conditions.shape[1] if self.conditions is not None else 0
+        phi = UNet(preset_config(s.preset, in_channels=stage1.input_channels(s.n, self.context),
+                                 condition_dim=condition_dim)).to(self.device)
+        phi = distributed.wrap(phi, self.device)
+        self.train(phi, stage1.stage1_batch_loss(phi, self.batches, self.neighbours_t, self.conditions_t,
+                                                 self.context), "stage1", s.stage1_steps, 0)
+        items = distributed.shard(np.arange(self.n_items))
+        rows = stage1.predict(training.unwrap(phi), self.slices_t, self.neighbours_t, self.conditions_t,
+                              s.inference_batch, self.device, self.context, items)
+        # every rank needs the whole estimate: Stage II and III use all of it
+        estimate = distributed.gather_rows(rows, items, self.n_items, to_all=True)[0].reshape(self.slices.shape)
+        if distributed.is_main():
+            save_array(path, estimate)
+        self.run.timed(f"stage1_{self.shell.name}", time.monotonic() - started)
+        self.run.save_record()
+        return estimate
+
+    def stage2(self, estimate: np.ndarray) -> np.ndarray:
+        """Stage II: the matched state of every slice (V, Z), >= 1; recorded in run.json."""
+        run, name = self.run, self.shell.name
+        self.begin("stage2")
+        started = time.monotonic()
+        matched = run.schedule.match_states(self.slices.reshape(-1, *self.slices.shape[2:]),
+                                            estimate.reshape(-1, *estimate.shape[2:]))
+        raised = int((matched == 0).sum())
+        if raised:
+            run.reporter.log(f"stage2 [{name}]: {raised} slice(s) matched state 0 (no noise found, "
+                             "e.g. empty slices); raised to state 1")
+        states = matched.clip(min=1).reshape(self.slices.shape[:2])
+        run.reporter.progress("stage2", name, 1, 1)
+        run.record["shells"][name]["stage2"] = {
+            "states": states.tolist(), "raised_from_zero": raised,
+            "median_state": float(np.median(states)), "min_state": int(states.min()),
+            "max_state": int(states.max()),
+            "noise_std_median": float(np.median(run.schedule.noise_std[states]))}
+        run.timed(f"stage2_{name}", time.monotonic() - started)
+        run.save_record()
+        return states
+
+    def stored_result(self) -> tuple[np.ndarray, list[np.ndarray]] | None:
+        """(denoised slices, RMSE curves) of a finished inference of this shell, if stored."""
+        denoised_path, curves_path = self.folder / "denoised.npy", self.folder / "curves.npz"
+        if not (denoised_path.exists() and curves_path.exists()):
+            return None
+        with np.load(curves_path) as stored:
+            curves = [stored[f"slice{i}"] for i in range(len(stored.files))]
+        return np.load(denoised_path), curves
+
+    def stage3(self, estimate: np.ndarray, states: np.ndarray):
+        """Stage III: the diffusion denoiser F, trained on Stage I's estimate and shuffled residuals."""
+        import torch
+
+        from ddm2 import stage3
+        from ddm2.unet import UNet, preset_config
+
+        self.begin("stage3")
+        started = time.monotonic()
+        denoiser = UNet(preset_config(self.settings.preset, in_channels=1, noise_embedding=True)).to(self.device)
+        denoiser = distributed.wrap(denoiser, self.device)
+        loss = stage3.stage3_batch_loss(denoiser, self.batches, torch.as_tensor(estimate, device=self.device),
+                                        torch.as_tensor(states, device=self.device), self.run.schedule)
+        self.train(denoiser, loss, "stage3", self.settings.stage3_steps, 1000)
+        self.run.timed(f"stage3_{self.shell.name}", time.monotonic() - started)
+        return denoiser
+
+    def inference(self, denoiser, states: np.ndarray) -> tuple[np.ndarray | None, list[np.ndarray]]:
+        """The reverse chain on every slice, sharded over the ranks; stored by rank 0, which alone gets
+        (denoised (V, Z, H, W), RMSE curves); other ranks get (None, [])."""
+        from ddm2 import sampler, training
+
+        run, s, name = self.run, self.settings, self.shell.name
+        self.begin("inference")
+        started = time.monotonic()
+
+        def on_batch(done: int, total: int) -> None:
+            run.reporter.progress("inference", name, done, total)
+            run.cancel.check()
+
+        flat_states = states.reshape(-1)
+        # interleaved shards of the slices sorted by state: every rank gets as many long chains as short
+        items = distributed.shard(np.argsort(flat_states, kind="stable"))
+        rows, curves_here = sampler.denoise_slices(
+            training.unwrap(denoiser), self.slices.reshape(-1, *self.slices.shape[2:])[items], flat_states[items],
+            run.schedule, sampler=s.sampler, steps=s.sampling_steps, flips=s.flips, batch_size=s.inference_batch,
+            device=self.device, randomness=training.Randomness.seeded(s.seed + 2000 + self.rank, self.device),
+            on_batch=on_batch)
+
+        def batch_count(count: int) -> int:
+            return -(-count // s.inference_batch)
+
+        # a rank with a shorter shard ran fewer batches: it still joins every collective cancel decision
+        for _ in range(batch_count(distributed.longest_shard(self.n_items)) - batch_count(len(items))):
+            run.cancel.check()
+        flat, items_by_rank = distributed.gather_rows(rows, items, self.n_items, to_all=False)
+        curves_by_rank = distributed.gather_objects(curves_here)
+        if not distributed.is_main():
+            return None, []
+        curves: list[np.ndarray] = [np.empty(0)] * self.n_items
+        for rank_items, rank_curves in zip(items_by_rank, curves_by_rank):
+            for item, curve in zip(rank_items, rank_curves):
+                curves[item] = curve
+        run.record["shells"][name]["inference_slices_by_rank"] = [part.tolist() for part in items_by_rank]
+        denoised = flat.reshape(self.slices.shape)
+        with atomic_path(self.folder / "curves.npz") as temporary:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **{f"slice{i}": c for i, c in enumerate(curves)})
+        save_array(self.folder / "denoised.npy", denoised)
+        run.timed(f"inference_{name}", time.monotonic() - started)
+        run.save_record()
+        return denoised, curves
 
 
 def write_maps(dwi: DWI, mask: np.ndarray, out_dir: Path,
