@@ -21,7 +21,7 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_steps: int,
-                  sampler: str = "ddpm") -> None:
+                  sampler: str = "ddpm", sampling_steps: int = 20) -> None:
     from ddm2.pipeline import METHODS
     from ddm2.sampler import SAMPLERS
 
@@ -40,7 +40,8 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--sampler", choices=SAMPLERS, default=sampler,
                        help=f"ddpm: every state from t* (the paper); ddim: --sampling-steps deterministic steps "
                             f"(default {sampler})")
-    group.add_argument("--sampling-steps", type=int, default=20, help="steps of the ddim sampler (default 20)")
+    group.add_argument("--sampling-steps", type=int, default=sampling_steps,
+                       help=f"steps of the ddim sampler (default {sampling_steps})")
     group.add_argument("--flips", action="store_true", help="average F over 4 flips at every step (4x slower)")
     group.add_argument("--batch-size", type=int, default=0, help="training batch (default: 32 paper, 8 small)")
     group.add_argument("--learning-rate", type=float, default=0.0, help="Adam rate (default: 1e-4 paper, 1e-3 small)")
@@ -80,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--snr", type=float, default=10.0, help="phantom SNR (default 10)")
     demo.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
-    # CPU-sized: the fast sampler, and step counts that finish in minutes on two cores
-    _add_training(demo, stage1_steps=800, stage3_steps=800, sampler="ddim")
+    # CPU-sized: step counts that finish in minutes on two cores, and the fast sampler with 5 steps, which
+    # scored best on the demo's phantom (bench/RESULTS.md, "Quality against network evaluations")
+    _add_training(demo, stage1_steps=800, stage3_steps=800, sampler="ddim", sampling_steps=5)
 
     phantom = commands.add_parser("phantom", help="write the synthetic phantom (noisy and truth) as NIfTI")
     phantom.add_argument("--out", required=True, help="folder for noisy.nii.gz, truth.nii.gz and their bval/bvec")
