@@ -27,7 +27,7 @@ CANCEL_FILE_NAME = "cancel"
 # The quick preview also takes the fast deterministic sampler: the paper's every-state chain costs
 # minutes per volume on a CPU.
 PRESET_ARGUMENTS = {
-    "quick preview": ("--preset", "small", "--sampler", "ddim", "--sampling-steps", "20"),
+    "quick preview": ("--preset", "small", "--sampler", "ddim", "--sampling-steps", "5"),
     "paper settings": ("--preset", "paper", "--sampler", "ddpm"),
 }
 DEVICE_ARGUMENTS = {"auto": "auto", "GPU": "cuda", "CPU": "cpu"}
