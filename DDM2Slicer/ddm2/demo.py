@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ddm2 import dwi as dwi_io
@@ -28,8 +29,9 @@ def run_demo(out: Path, settings: Settings, reporter: Reporter, *, snr: float = 
         dwi_io.save_nifti(phantom.truth, out / "phantom" / "truth.nii.gz")
     reporter.log(f"phantom {phantom.noisy.data.shape} at SNR {snr:g} (sigma {phantom.sigma:.1f})")
     started = time.monotonic()
-    settings.write_report = False  # the demo's own report below adds Stage I and the score table
-    result = denoise(noisy_path, out, settings, reporter, device=device, resume=resume)
+    # the demo's own report below adds Stage I and the score table
+    result = denoise(noisy_path, out, replace(settings, write_report=False), reporter, device=device,
+                     resume=resume)
     seconds = time.monotonic() - started
 
     truth = phantom.truth

@@ -31,20 +31,11 @@ class DiffusionSchedule:
 
     def __init__(self, betas: np.ndarray | None = None) -> None:
         step_betas = reverse_warmup_betas() if betas is None else np.asarray(betas, dtype=np.float64)
-        self.n_steps = len(step_betas)
         self.betas = np.concatenate([[0.0], step_betas])
         self.alphas = 1.0 - self.betas
         self.alpha_bar = np.cumprod(self.alphas)
         self.sqrt_alpha_bar = np.sqrt(self.alpha_bar)
         self.noise_std = np.sqrt(1.0 - self.alpha_bar)  # std of the noise at state k
-        previous = np.concatenate([[1.0], self.alpha_bar[:-1]])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # q(S_{k-1} | S_k, S_0) = N(coef_x0[k] S_0 + coef_xk[k] S_k, posterior_variance[k])
-            self.coef_x0 = np.where(self.betas > 0, self.betas * np.sqrt(previous) / (1.0 - self.alpha_bar), 1.0)
-            self.coef_xk = np.where(self.betas > 0,
-                                    (1.0 - previous) * np.sqrt(self.alphas) / (1.0 - self.alpha_bar), 0.0)
-            self.posterior_variance = np.where(
-                self.betas > 0, self.betas * (1.0 - previous) / (1.0 - self.alpha_bar), 0.0)
 
     # ------------------------------------------------------------------------------- Stage II
     def match_states(self, noisy: np.ndarray, estimate: np.ndarray) -> np.ndarray:
