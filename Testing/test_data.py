@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ddm2.data import (adjacent_neighbours, angular_neighbours, denormalise_volumes, gradient_features,
-                       group_shells, normalise_volumes, shell_slices, slices_to_volumes)
+                       group_shells, normalise_volumes, normalised_shell_slices, restore_shell_volumes,
+                       shell_slices)
 
 
 def test_normalisation_round_trips_to_float32_precision():
@@ -54,8 +55,16 @@ def test_gradient_features_do_not_depend_on_the_sign_of_a_gradient():
 def test_shell_slices_and_back_restore_the_volumes():
     from ddm2.data import Shell
 
-    data = np.arange(4 * 3 * 2 * 5, dtype=np.float32).reshape(4, 3, 2, 5)
+    rng = np.random.default_rng(3)
+    data = rng.uniform(0, 900, (4, 3, 2, 5)).astype(np.float32)
     shell = Shell("b1000", 1000, (1, 3, 4))
-    slices = shell_slices(data, shell)
+    normalised, scales = normalise_volumes(data)
+    slices = normalised_shell_slices(data, shell, scales)
     assert slices.shape == (3, 2, 4, 3)
-    np.testing.assert_array_equal(slices_to_volumes(slices), data[..., [1, 3, 4]])
+    # the same bits as normalising the whole input first, and the exact inverse back into the volumes
+    np.testing.assert_array_equal(slices, shell_slices(normalised, shell))
+    target = np.zeros_like(data)
+    restore_shell_volumes(target, slices, shell, scales)
+    np.testing.assert_array_equal(target[..., [1, 3, 4]], denormalise_volumes(normalised, scales)[..., [1, 3, 4]])
+    np.testing.assert_allclose(target[..., [1, 3, 4]], data[..., [1, 3, 4]], rtol=1e-6)
+    assert not target[..., [0, 2]].any()  # other volumes untouched

@@ -78,3 +78,38 @@ def test_two_ranks_denoise_as_well_as_one(runs, phantom):
     noisy = psnr(phantom.noisy.data[..., weighted], phantom.truth.data[..., weighted], phantom.mask)
     assert scores[1] > noisy + 1.0, (scores, noisy)  # the comparison is between two real denoisings
     assert scores[2] > scores[1] - MARGIN_DB, (scores, noisy)
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_checkpoint_and_the_run_resumes(phantom, tmp_path):
+    """A cluster's scheduler stops a job with SIGTERM to torchrun, which passes it on to every rank."""
+    import signal
+
+    import torch
+
+    noisy = tmp_path / "noisy.nii.gz"
+    dwi_io.save_nifti(phantom.noisy, noisy)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    settings = [*SETTINGS, "--checkpoint-every", "1000"]
+    settings[settings.index("--stage1-steps") + 1] = "300"
+    command = [*TORCHRUN, "-m", "ddm2", "denoise", str(noisy), "--out", str(out), *settings]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in process.stdout:  # wait until both ranks train: a few Stage I steps reported
+        event = json.loads(line) if line.startswith("{") else {}
+        if event.get("event") == "progress" and event.get("stage") == "stage1" and event.get("step", 0) >= 3:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0, stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "cancelled", stderr[-3000:]
+    # both ranks stopped at the same step and took part in the checkpoint (its random states: one per rank)
+    checkpoint = torch.load(out / "checkpoints" / "b1000" / "stage1.pt", map_location="cpu", weights_only=False)
+    assert 3 <= checkpoint["step"] < 300 and len(checkpoint["randomness"]) == 2
+    assert not (out / "denoised.nii.gz").exists()
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {checkpoint['step']} of 300" in resumed.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    assert (out / "denoised.nii.gz").is_file()

@@ -84,6 +84,21 @@ def test_dti_maps_match_a_direct_dipy_tensor_fit_to_1e6():
         assert np.max(np.abs(result[name] - np.nan_to_num(getattr(fit, name)))) < 1e-6, name
 
 
+def test_dti_maps_fitted_a_few_slices_at_a_time_equal_one_whole_fit(monkeypatch):
+    """Large scans are fitted in chunks of slices (memory); the maps must not show where chunks meet."""
+    rng = np.random.default_rng(4)
+    data, bvals, bvecs = known_tensor_dwi()
+    data = np.concatenate([data] * 5, axis=2) + rng.normal(0, 20, (data.shape[0], data.shape[1], 5 * data.shape[2],
+                                                                     data.shape[3]))
+    mask = rng.uniform(size=data.shape[:3]) > 0.2
+    whole = maps.dti_maps(data, bvals, bvecs, mask=mask)
+    monkeypatch.setattr(maps, "FIT_CHUNK_VALUES", data.shape[0] * data.shape[1] * data.shape[3] * 2)
+    chunked = maps.dti_maps(data, bvals, bvecs, mask=mask)  # two slices per fit
+    for name in maps.MAP_NAMES:
+        np.testing.assert_array_equal(chunked[name], whole[name])
+    assert whole["fa"][mask].min() > 0 and not whole["fa"][~mask].any()
+
+
 # ------------------------------------------------------------------------------------- PSNR / SSIM
 
 def test_psnr_of_a_constant_offset_inside_the_mask_is_20_log10_range_over_offset():

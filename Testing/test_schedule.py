@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddm2.schedule import DiffusionSchedule, first_local_minimum, reverse_warmup_betas
+from ddm2.schedule import DiffusionSchedule, first_local_minimum, reverse_warmup_betas, slice_moments
 
 
 def test_reverse_warmup_is_flat_then_a_ramp_over_the_last_700_steps():
@@ -44,3 +44,18 @@ def test_a_noiseless_slice_matches_state_zero():
     schedule = DiffusionSchedule()
     y = np.linspace(-1, 1, 64 * 64).reshape(1, 64, 64)
     assert schedule.match_states(y, y).tolist() == [0]
+
+
+def test_slice_moments_in_chunks_equal_one_pass_and_leave_the_inputs_alone():
+    rng = np.random.default_rng(5)
+    noisy, estimate = rng.normal(size=(2, 11, 6, 7))
+    kept = noisy.copy(), estimate.copy()
+    one_pass = slice_moments(noisy, estimate, chunk=len(noisy))
+    chunked = slice_moments(noisy, estimate, chunk=3)
+    for whole, part in zip(one_pass, chunked):
+        np.testing.assert_array_equal(part, whole)
+    np.testing.assert_allclose(one_pass[0], noisy.reshape(11, -1).var(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(one_pass[2], [np.cov(a.ravel(), b.ravel(), bias=True)[0, 1]
+                                             for a, b in zip(noisy, estimate)], rtol=1e-10)
+    np.testing.assert_array_equal(noisy, kept[0])  # float64 input: centred on copies, not in place
+    np.testing.assert_array_equal(estimate, kept[1])

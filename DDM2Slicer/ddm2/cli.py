@@ -45,7 +45,8 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--flips", action="store_true", help="average F over 4 flips at every step (4x slower)")
     group.add_argument("--batch-size", type=int, default=0, help="training batch (default: 32 paper, 8 small)")
     group.add_argument("--learning-rate", type=float, default=0.0, help="Adam rate (default: 1e-4 paper, 1e-3 small)")
-    group.add_argument("--inference-batch", type=int, default=64, help="slices per inference batch (default 64)")
+    group.add_argument("--inference-batch", type=int, default=0,
+                       help="slices per inference batch (default 64 on a GPU, 16 on CPU)")
     group.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:K")

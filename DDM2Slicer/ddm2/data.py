@@ -30,9 +30,15 @@ def normalise_volumes(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scales : (N,) float64 maxima (1 for an all-zero volume), the argument of ``denormalise_volumes``.
     """
     data = np.asarray(data)
-    scales = data.reshape(-1, data.shape[-1]).max(axis=0).astype(np.float64)
-    scales[scales <= 0] = 1.0
+    scales = volume_scales(data)
     return (2.0 * data / scales - 1.0).astype(np.float32), scales
+
+
+def volume_scales(data: np.ndarray) -> np.ndarray:
+    """(N,) float64 maximum of each volume of (X, Y, Z, N) data, 1 for an all-zero volume."""
+    scales = np.asarray(data).reshape(-1, data.shape[-1]).max(axis=0).astype(np.float64)
+    scales[scales <= 0] = 1.0
+    return scales
 
 
 def denormalise_volumes(normalised: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -138,6 +144,18 @@ def shell_slices(normalised: np.ndarray, shell: Shell) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(normalised[..., list(shell.indices)], (3, 2, 0, 1)))
 
 
-def slices_to_volumes(slices: np.ndarray) -> np.ndarray:
-    """(V, Z, H, W) -> (H, W, Z, V), the inverse of ``shell_slices``'s reordering."""
-    return np.transpose(slices, (2, 3, 1, 0))
+def normalised_shell_slices(data: np.ndarray, shell: Shell, scales: np.ndarray) -> np.ndarray:
+    """``shell_slices(normalise_volumes(data)[0], shell)``, bit for bit, without a normalised copy of
+    the whole input: one volume at a time into the shell's (V, Z, H, W) array."""
+    slices = np.empty((len(shell.indices), data.shape[2], data.shape[0], data.shape[1]), dtype=np.float32)
+    for position, volume in enumerate(shell.indices):
+        normalised = (2.0 * data[..., volume] / scales[volume] - 1.0).astype(np.float32)
+        slices[position] = np.transpose(normalised, (2, 0, 1))
+    return slices
+
+
+def restore_shell_volumes(target: np.ndarray, slices: np.ndarray, shell: Shell, scales: np.ndarray) -> None:
+    """Write a shell's normalised (V, Z, H, W) slices into its volumes of ``target`` (X, Y, Z, N), in the
+    input's units (``denormalise_volumes``), one volume at a time (no whole-input temporaries)."""
+    for position, volume in enumerate(shell.indices):
+        target[..., volume] = denormalise_volumes(np.transpose(slices[position], (1, 2, 0)), scales[volume])

@@ -1,4 +1,5 @@
-"""`ddm2 demo`: the phantom through the whole pipeline, scored against its truth and dipy's baselines."""
+"""`ddm2 demo`: the phantom through the whole pipeline, scored against its truth and dipy's baselines
+(and any other input with a known truth, for the benchmarks)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ddm2 import dwi as dwi_io
+from ddm2.phantom import Phantom
 from ddm2.pipeline import Settings, denoise, write_json
 from ddm2.progress import Reporter
 
@@ -14,22 +16,32 @@ from ddm2.progress import Reporter
 def run_demo(out: Path, settings: Settings, reporter: Reporter, *, snr: float = 10.0, device: str = "auto",
              resume: bool = False, baselines: bool = True) -> str:
     """Make the phantom, denoise it in ``out``, score every method; returns the printed table."""
+    from ddm2.phantom import make_phantom
+
+    return run_with_truth(make_phantom(snr=snr, seed=settings.seed), out, settings, reporter,
+                          title=f"phantom, SNR {snr:g}", device=device, resume=resume, baselines=baselines)
+
+
+def run_with_truth(phantom: Phantom, out: Path, settings: Settings, reporter: Reporter, *, title: str,
+                   device: str = "auto", resume: bool = False, baselines: bool = True) -> str:
+    """Denoise ``phantom.noisy`` in ``out`` and score the noisy input, dipy's baselines, Stage I and DDM2
+    against ``phantom.truth`` inside ``phantom.mask``: demo_scores.json, report.png/html and the returned
+    table."""
     from ddm2.baselines import denoise_baseline
     from ddm2.evaluation import format_score_table
     from ddm2.metrics import score_against_truth
-    from ddm2.phantom import make_phantom
     from ddm2.report import write_report
 
-    phantom = make_phantom(snr=snr, seed=settings.seed)
     noisy_path = out / "phantom" / "noisy.nii.gz"
-    # the demo is deterministic: a run directory it already used is picked up where it stopped
+    # a known-truth run is deterministic: a run directory it already used is picked up where it stopped
     resume = resume or (out / "run.json").exists()
     if not resume:
         dwi_io.save_nifti(phantom.noisy, noisy_path)
         dwi_io.save_nifti(phantom.truth, out / "phantom" / "truth.nii.gz")
-    reporter.log(f"phantom {phantom.noisy.data.shape} at SNR {snr:g} (sigma {phantom.sigma:.1f})")
+        dwi_io.save_volume(phantom.mask.astype("float32"), phantom.truth.affine, out / "phantom" / "mask.nii.gz")
+    reporter.log(f"{title}: {phantom.noisy.data.shape} (sigma {phantom.sigma:.1f})")
     started = time.monotonic()
-    # the demo's own report below adds Stage I and the score table
+    # the report below adds Stage I and the score table
     result = denoise(noisy_path, out, replace(settings, write_report=False), reporter, device=device,
                      resume=resume)
     seconds = time.monotonic() - started
@@ -49,12 +61,13 @@ def run_demo(out: Path, settings: Settings, reporter: Reporter, *, snr: float = 
               for name, data in estimates.items()}
     table = format_score_table(scores)
     gain = scores["DDM2"]["psnr_db"] - scores["noisy"]["psnr_db"]
-    summary = (f"phantom {'x'.join(map(str, phantom.noisy.data.shape))}, SNR {snr:g}, n = {result.record['parameters']['n']}, "
+    summary = (f"{title}, {'x'.join(map(str, phantom.noisy.data.shape))}, n = {result.record['parameters']['n']}, "
                f"method {result.record['parameters']['method']}: DDM2 {gain:+.1f} dB PSNR over the noisy input "
                f"(pipeline {seconds:.0f} s on {result.record['device']})")
     write_json(out / "demo_scores.json", {"scores": scores, "summary": summary})
     write_report(phantom.noisy, result.denoised, out / "report.png", out / "report.html",
-                 stage1=result.stage1.data, outlier_curves=result.curves or None, outlier_flags=result.outlier_flags, title="DDM2 demo: phantom", table=table + "\n\n" + summary,
+                 stage1=result.stage1.data, outlier_curves=result.curves or None, outlier_flags=result.outlier_flags,
+                 title=f"DDM2: {title}", table=table + "\n\n" + summary,
                  maps_input=result.maps["input"], maps_denoised=result.maps["denoised"])
     return f"{table}\n\n{summary}\nreport: {(out / 'report.png').resolve()}"
 

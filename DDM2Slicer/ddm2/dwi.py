@@ -76,6 +76,13 @@ class DWI:
         """The same geometry and gradients with other intensities."""
         return DWI(data, self.affine.copy(), self.bvals.copy(), self.bvecs.copy(), self.source)
 
+    def cropped(self, first: tuple[int, int, int], stop: tuple[int, int, int]) -> "DWI":
+        """The box of voxels first <= index < stop (all volumes), at the same place in the world."""
+        affine = self.affine.copy()
+        affine[:3, 3] += affine[:3, :3] @ np.asarray(first, dtype=np.float64)
+        box = tuple(slice(a, b) for a, b in zip(first, stop))
+        return DWI(np.ascontiguousarray(self.data[box]), affine, self.bvals.copy(), self.bvecs.copy(), self.source)
+
 
 def voxel_rotation(affine: np.ndarray) -> np.ndarray:
     """The orthogonal part of an affine's 3x3 block (voxel sizes and shear removed)."""

@@ -53,13 +53,27 @@ def default_gradient_table(n_b0: int = 2, n_directions: int = 30, b_value: float
 
 
 def dipy_gradient_table(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A gradient table shipped with dipy (no download), e.g. 'small_64D' or 'small_101D'."""
+    """A gradient table shipped with dipy (no download), e.g. 'small_64D', 'small_101D' or '55dir_grad'."""
     from dipy.data import get_fnames
     from dipy.io import read_bvals_bvecs
 
     files = get_fnames(name=name)
-    bvals, bvecs = read_bvals_bvecs(files[1], files[2])
+    bvals, bvecs = read_bvals_bvecs(*files[-2:])  # (image, bval, bvec), or only the table
     return bvals, np.nan_to_num(bvecs)  # some of dipy's tables write NaN for the b = 0 direction
+
+
+def noise_level(truth: np.ndarray, bvals: np.ndarray, mask: np.ndarray, snr: float) -> float:
+    """The Gaussian sigma that gives ``snr`` = mean b = 0 signal inside ``mask`` / sigma."""
+    b0 = truth[..., np.asarray(bvals) <= 50].mean(axis=3)
+    return float(b0[mask].mean() / snr)
+
+
+def add_rician_noise(truth: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """The magnitude of the truth plus complex Gaussian noise of standard deviation sigma per channel."""
+    rng = np.random.default_rng(seed)
+    real = truth + rng.normal(0.0, sigma, truth.shape)
+    imaginary = rng.normal(0.0, sigma, truth.shape)
+    return np.sqrt(real ** 2 + imaginary ** 2)
 
 
 def _tissue_model(shape: tuple[int, int, int], supersample: int):
@@ -143,12 +157,8 @@ def make_phantom(shape: tuple[int, int, int] = (64, 64, 8), bvals: np.ndarray | 
     labels = labels_fine[supersample // 2::supersample, supersample // 2::supersample]
     fa = _downsample(fa_fine, supersample)
 
-    b0 = truth_data[..., bvals <= 50].mean(axis=3)
-    sigma = float(b0[mask].mean() / snr)
-    rng = np.random.default_rng(seed)
-    real = truth_data + rng.normal(0.0, sigma, truth_data.shape)
-    imaginary = rng.normal(0.0, sigma, truth_data.shape)
-    noisy_data = np.sqrt(real ** 2 + imaginary ** 2)
+    sigma = noise_level(truth_data, bvals, mask, snr)
+    noisy_data = add_rician_noise(truth_data, sigma, seed)
 
     affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
     affine[:3, 3] = -0.5 * voxel_size * (np.asarray(shape) - 1)

@@ -36,8 +36,8 @@ import numpy as np
 
 from ddm2 import __version__, distributed
 from ddm2 import dwi as dwi_io
-from ddm2.data import (Shell, denormalise_volumes, gradient_features, group_shells, neighbour_table,
-                       normalise_volumes, shell_slices)
+from ddm2.data import (Shell, gradient_features, group_shells, neighbour_table, normalised_shell_slices,
+                       restore_shell_volumes, volume_scales)
 from ddm2.dwi import DWI, InputError, atomic_path
 from ddm2.progress import STAGE_WEIGHTS, Cancelled, CancelToken, Reporter
 from ddm2.schedule import DiffusionSchedule
@@ -66,7 +66,7 @@ class Settings:
     sampling_steps: int = 20  # for the ddim sampler
     flips: bool = False
     checkpoint_every: int = 500
-    inference_batch: int = 64
+    inference_batch: int = 0  # 0: 64 on a GPU; 16 on CPU, where larger batches are no faster and cost RAM
     save_stage1: bool = False
     write_report: bool = True
 
@@ -76,7 +76,8 @@ class Settings:
         training = PRESET_TRAINING[preset]
         return Settings(**{**asdict(self), "preset": preset,
                            "batch_size": self.batch_size or training["batch_size"],
-                           "learning_rate": self.learning_rate or training["learning_rate"]})
+                           "learning_rate": self.learning_rate or training["learning_rate"],
+                           "inference_batch": self.inference_batch or (64 if device_type == "cuda" else 16)})
 
     @classmethod
     def from_dict(cls, values: dict) -> "Settings":
@@ -87,7 +88,7 @@ class Settings:
 @dataclass
 class ShellResult:
     shell: Shell
-    stage1: np.ndarray | None  # (V, Z, H, W) normalised Stage I estimate
+    stage1: np.ndarray | None  # (V, Z, H, W) normalised Stage I estimate; None unless save_stage1
     denoised: np.ndarray | None  # (V, Z, H, W) normalised denoised slices; None: passed through
     states: np.ndarray | None  # (V, Z)
     curves: list[np.ndarray] = field(default_factory=list)
@@ -96,7 +97,7 @@ class ShellResult:
 @dataclass
 class RunResult:
     denoised: DWI
-    stage1: DWI
+    stage1: DWI | None  # Settings.save_stage1 only
     outputs: dict[str, str]
     record: dict
     curves: list[np.ndarray]  # appendix-F RMSE curve of every denoised slice, shell by shell
@@ -240,7 +241,9 @@ class Run:
         return result
 
     def execute(self) -> RunResult | None:
-        normalised, scales = normalise_volumes(self.dwi.data)
+        # memory: the input, one shell's slices, estimate and denoised slices, and the output are the only
+        # input-sized arrays (no normalised copy of the whole input; bench/SPEED.md has the peak)
+        scales = volume_scales(self.dwi.data)
         shells, passed = planned_shells(self.dwi, self.settings.n)
         for shell in passed:
             self.reporter.log(f"{shell.name}: {len(shell.indices)} volume(s), fewer than n + 1 = "
@@ -252,12 +255,13 @@ class Run:
         results = []
         for shell in shells:
             span = (1.0 - STAGE_WEIGHTS["outputs"]) * len(shell.indices) / total_slices
-            results.append(self.denoise_shell(shell, shell_slices(normalised, shell), base, span))
+            results.append(self.denoise_shell(shell, normalised_shell_slices(self.dwi.data, shell, scales),
+                                              base, span))
             base += span
         if not distributed.is_main():
             return None
         self.reporter.begin("outputs", "all", base, STAGE_WEIGHTS["outputs"])
-        return self.assemble(results, normalised, scales)
+        return self.assemble(results, scales)
 
     # --------------------------------------------------------------------------- one shell
     def denoise_shell(self, shell: Shell, slices: np.ndarray, base: float, span: float) -> ShellResult:
@@ -266,33 +270,32 @@ class Run:
         estimate = job.stage1()
         states = job.stage2(estimate)
         stored = job.stored_result()
-        if stored is not None:
-            denoised, curves = stored
-            return ShellResult(shell, estimate, denoised, states, curves)
-        denoiser = job.stage3(estimate, states)
-        denoised, curves = job.inference(denoiser, states)
-        return ShellResult(shell, estimate, denoised, states, curves)
+        if stored is None:
+            denoiser = job.stage3(estimate, states)
+            del estimate  # not needed by the inference: one shell-sized array less in memory
+            stored = job.inference(denoiser, states)
+        denoised, curves = stored
+        # the estimate for the outputs is read from its checkpoint file, page by page, when it is written
+        keep = self.settings.save_stage1 and distributed.is_main()
+        stage1 = np.load(job.folder / "stage1_estimate.npy", mmap_mode="r") if keep else None
+        return ShellResult(shell, stage1, denoised, states, curves)
 
     # ------------------------------------------------------------------------------ outputs
-    def assemble(self, results: list[ShellResult], normalised: np.ndarray, scales: np.ndarray) -> RunResult:
+    def assemble(self, results: list[ShellResult], scales: np.ndarray) -> RunResult:
         started = time.monotonic()
-        denoised_normalised = normalised.copy()
-        stage1_normalised = normalised.copy()
-        processed = []
-        for result in results:
-            indices = list(result.shell.indices)
-            denoised_normalised[..., indices] = np.transpose(result.denoised, (2, 3, 1, 0))
-            stage1_normalised[..., indices] = np.transpose(result.stage1, (2, 3, 1, 0))
-            processed += indices
-        data = self.dwi.data.copy()  # passed-through volumes keep their exact input values
-        data[..., processed] = denormalise_volumes(denoised_normalised[..., processed], scales[processed])
-        stage1_data = self.dwi.data.copy()
-        stage1_data[..., processed] = denormalise_volumes(stage1_normalised[..., processed], scales[processed])
-        denoised = self.dwi.with_data(data)
-        stage1_dwi = self.dwi.with_data(stage1_data)
         curves, flags = self.flag_outliers(results)
-        outputs, maps = write_outputs(self.dwi, denoised, stage1_dwi if self.settings.save_stage1 else None,
-                                      self.run_dir, curves, flags, self.settings.write_report, self.reporter)
+        # passed-through volumes keep their exact input values
+        data = self.dwi.data.copy()
+        stage1_data = self.dwi.data.copy() if self.settings.save_stage1 else None
+        for result in results:
+            restore_shell_volumes(data, result.denoised, result.shell, scales)
+            if stage1_data is not None:
+                restore_shell_volumes(stage1_data, result.stage1, result.shell, scales)
+            result.denoised = result.stage1 = None  # each shell's slices are freed once in the output
+        denoised = self.dwi.with_data(data)
+        stage1_dwi = self.dwi.with_data(stage1_data) if stage1_data is not None else None
+        outputs, maps = write_outputs(self.dwi, denoised, stage1_dwi, self.run_dir, curves, flags,
+                                      self.settings.write_report, self.reporter)
         self.timed("outputs", time.monotonic() - started)
         return RunResult(denoised, stage1_dwi, outputs, self.record, curves, flags, maps)
 
@@ -448,11 +451,13 @@ class ShellJob:
             run.cancel.check()
 
         flat_states = states.reshape(-1)
-        # interleaved shards of the slices sorted by state: every rank gets as many long chains as short
-        items = distributed.shard(np.argsort(flat_states, kind="stable"))
+        # interleaved shards of the slices sorted by state: every rank gets as many long chains as short.
+        # A shard in slice order: one process then holds no reordered copy of the shell (the sampler
+        # batches by state itself)
+        items = np.sort(distributed.shard(np.argsort(flat_states, kind="stable")))
         rows, curves_here = sampler.denoise_slices(
-            training.unwrap(denoiser), self.slices.reshape(-1, *self.slices.shape[2:])[items], flat_states[items],
-            run.schedule, sampler=s.sampler, steps=s.sampling_steps, flips=s.flips, batch_size=s.inference_batch,
+            training.unwrap(denoiser), self.slices.reshape(-1, *self.slices.shape[2:]), flat_states, run.schedule,
+            items=items, sampler=s.sampler, steps=s.sampling_steps, flips=s.flips, batch_size=s.inference_batch,
             device=self.device, randomness=training.Randomness.seeded(s.seed + 2000 + self.rank, self.device),
             on_batch=on_batch)
 
@@ -492,6 +497,16 @@ def write_maps(dwi: DWI, mask: np.ndarray, out_dir: Path,
     return maps, written
 
 
+def residual_rms(noisy: DWI, denoised: DWI) -> np.ndarray:
+    """(X, Y, Z) root mean square of noisy - denoised over the diffusion-weighted volumes, accumulated
+    one volume at a time (no input-sized temporaries)."""
+    total = np.zeros(noisy.data.shape[:3])
+    weighted = np.flatnonzero(~noisy.b0_mask)
+    for volume in weighted:
+        total += (noisy.data[..., volume].astype(np.float64) - denoised.data[..., volume]) ** 2
+    return np.sqrt(total / max(len(weighted), 1)).astype(np.float32)
+
+
 def write_outputs(noisy: DWI, denoised: DWI, stage1: DWI | None, run_dir: Path, curves: list[np.ndarray],
                   flags: np.ndarray | None, write_report: bool,
                   reporter: Reporter) -> tuple[dict[str, str], dict[str, dict[str, np.ndarray]]]:
@@ -507,10 +522,10 @@ def write_outputs(noisy: DWI, denoised: DWI, stage1: DWI | None, run_dir: Path, 
         outputs["stage1"] = dwi_io.save_nifti(stage1, run_dir / "stage1.nii.gz")[0]
     reporter.progress("outputs", "all", 2, steps)
     residual = noisy.data - denoised.data
-    diffusion_weighted = ~noisy.b0_mask
-    residual_rms = np.sqrt(np.mean(residual[..., diffusion_weighted] ** 2, axis=3))
     outputs["residual"] = dwi_io.save_volume(residual, noisy.affine, run_dir / "residual.nii.gz")
-    outputs["residual_rms"] = dwi_io.save_volume(residual_rms, noisy.affine, run_dir / "residual_rms.nii.gz")
+    del residual  # input-sized: freed before the tensor fits
+    outputs["residual_rms"] = dwi_io.save_volume(residual_rms(noisy, denoised), noisy.affine,
+                                                 run_dir / "residual_rms.nii.gz")
     reporter.progress("outputs", "all", 3, steps)
     mask = brain_mask(noisy.data, noisy.bvals)
     outputs["mask"] = dwi_io.save_volume(mask.astype(np.float32), noisy.affine, run_dir / "mask.nii.gz")

@@ -218,6 +218,8 @@ def _plot_slice_scores(axes, slice_scores: dict, shown: list[int]) -> None:
 
 
 def _plot_outliers(axes, curves: list, flags) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     flags = np.zeros(len(curves), dtype=bool) if flags is None else np.asarray(flags, dtype=bool)
     for curve, flagged in sorted(zip(curves, flags), key=lambda item: item[1]):  # flagged drawn on top
         curve = np.asarray(curve, dtype=np.float64)
@@ -226,6 +228,7 @@ def _plot_outliers(axes, curves: list, flags) -> None:
     axes.plot([], [], color=PALETTE["curve"], label=f"{int((~flags).sum())} slices")
     axes.plot([], [], color=PALETTE["flag"], linewidth=1.6, label=f"{int(flags.sum())} flagged flat")
     axes.legend(fontsize=7.5, frameon=False)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers (a 5-step chain too)
     _style(axes, "outlier check: RMSE(input, estimate) along the reverse chain", "reverse step", "RMSE")
 
 

@@ -73,7 +73,7 @@ def reverse_step(state: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor,
 
 @torch.no_grad()
 def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, schedule: DiffusionSchedule, *,
-                   sampler: str = "ddpm", steps: int | None = None, flips: bool = False, batch_size: int = 64,
+                   items: np.ndarray | None = None, sampler: str = "ddpm", steps: int | None = None, flips: bool = False, batch_size: int = 64,
                    device: torch.device, randomness: Randomness,
                    on_batch: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Run the reverse chain on slices.
@@ -82,27 +82,29 @@ def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, sche
     ----------
     noisy : (S, H, W) slices in normalised units.
     states : (S,) matched states, all >= 1.
+    items : indices of the slices to denoise (default all), in the order of the returned rows.
     on_batch : called with (slices done, slices total) after each batch (progress, cancellation).
 
     Returns
     -------
-    denoised : (S, H, W) float32.
-    rmse_curves : per slice, the RMSE between the input and the state after each step (appendix F).
+    denoised : (len(items), H, W) float32.
+    rmse_curves : per denoised slice, the RMSE between the input and the state after each step (appendix F).
     """
     model.eval()
-    states = np.asarray(states, dtype=np.int64)
+    items = np.arange(len(noisy)) if items is None else np.asarray(items)
+    states = np.asarray(states, dtype=np.int64)[items]
     if states.size and states.min() < 1:
         raise ValueError("every state must be >= 1; raise state-0 matches to 1 before sampling")
     eta = 1.0 if sampler == "ddpm" else 0.0
     alpha_bar = torch.as_tensor(schedule.alpha_bar, dtype=torch.float64, device=device)
     sqrt_alpha_bar = torch.as_tensor(schedule.sqrt_alpha_bar, dtype=torch.float32, device=device)
-    denoised = np.empty(noisy.shape, dtype=np.float32)
-    curves: list[np.ndarray] = [np.empty(0)] * len(noisy)
+    denoised = np.empty((len(items), *noisy.shape[1:]), dtype=np.float32)
+    curves: list[np.ndarray] = [np.empty(0)] * len(items)
     order = np.argsort(states, kind="stable")
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         sequences = torch.as_tensor(state_sequences(states[batch], sampler, steps), device=device)
-        initial = torch.as_tensor(noisy[batch], device=device)[:, None]
+        initial = torch.as_tensor(noisy[items[batch]], device=device)[:, None]
         current = initial.clone()
         clean = initial.clone()
         batch_curves = [[] for _ in batch]

@@ -57,21 +57,30 @@ class DiffusionSchedule:
         (S,) int array of states in 0..T. State 0 means no noise was found (an empty slice, or Stage I
         failed); the reverse chain needs at least one step, so callers raise it to 1 and report it.
         """
-        noisy = np.asarray(noisy, dtype=np.float64).reshape(len(noisy), -1)
-        estimate = np.asarray(estimate, dtype=np.float64).reshape(len(estimate), -1)
-        if noisy.shape != estimate.shape:
-            raise ValueError(f"noisy {noisy.shape} and estimate {estimate.shape} differ in shape")
+        if np.shape(noisy) != np.shape(estimate):
+            raise ValueError(f"noisy {np.shape(noisy)} and estimate {np.shape(estimate)} differ in shape")
         # The residual's variance is quadratic in the scale a = sqrt_alpha_bar[k], so every candidate
         # state is evaluated from three moments instead of one pass over the pixels per state.
-        noisy_centred = noisy - noisy.mean(axis=1, keepdims=True)
-        estimate_centred = estimate - estimate.mean(axis=1, keepdims=True)
-        var_noisy = (noisy_centred ** 2).mean(axis=1)
-        var_estimate = (estimate_centred ** 2).mean(axis=1)
-        covariance = (noisy_centred * estimate_centred).mean(axis=1)
+        var_noisy, var_estimate, covariance = slice_moments(noisy, estimate)
         scale = self.sqrt_alpha_bar[None, :]
         variance = var_noisy[:, None] - 2 * scale * covariance[:, None] + scale ** 2 * var_estimate[:, None]
         distance = np.abs(self.noise_std[None, :] - np.sqrt(np.clip(variance, 0.0, None)))
         return first_local_minimum(distance)
+
+
+def slice_moments(noisy: np.ndarray, estimate: np.ndarray,
+                  chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per slice of (S, H, W) pairs: the variances of both and their covariance (population, float64).
+    Computed ``chunk`` slices at a time: a shell of a large scan is gigabytes in float64."""
+    moments = np.empty((3, len(noisy)))
+    for start in range(0, len(noisy), chunk):
+        part = slice(start, start + chunk)
+        x = np.array(noisy[part], dtype=np.float64).reshape(-1, np.prod(np.shape(noisy)[1:], dtype=int))
+        y = np.array(estimate[part], dtype=np.float64).reshape(x.shape)  # copies: centred in place below
+        x -= x.mean(axis=1, keepdims=True)
+        y -= y.mean(axis=1, keepdims=True)
+        moments[:, part] = (x ** 2).mean(axis=1), (y ** 2).mean(axis=1), (x * y).mean(axis=1)
+    return moments[0], moments[1], moments[2]
 
 
 def first_local_minimum(distance: np.ndarray) -> np.ndarray:

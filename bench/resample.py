@@ -1,0 +1,58 @@
+"""Re-run only the inference of a finished known-truth run (``ddm2 demo``, bench/quality.py) with another
+sampler: the trained Stage III networks, the matched states and the noisy input come from the run
+directory. Used by bench/sampler_quality.py and bench/quality.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddm2.data import group_shells, normalised_shell_slices, restore_shell_volumes, volume_scales
+from ddm2.dwi import DWI
+from ddm2.sampler import denoise_slices
+from ddm2.schedule import DiffusionSchedule
+from ddm2.training import Randomness
+from ddm2.unet import UNet, preset_config
+
+
+def parse_config(config: str) -> tuple[str, int | None, bool]:
+    """'ddim:5', 'ddim:20:flips', 'ddpm' -> (sampler, steps, flips)."""
+    name, *rest = config.split(":")
+    steps = int(rest[0]) if rest and rest[0].isdigit() else None
+    return name, steps, "flips" in rest
+
+
+def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, float, int]:
+    """The run's output re-sampled with ``config`` on every denoised shell; other volumes keep their
+    noisy values. Returns (data, F evaluations per slice at the median state,
+    seconds, slices)."""
+    name, steps, flips = parse_config(config)
+    record = json.loads((run_dir / "run.json").read_text())
+    scales = volume_scales(noisy.data)
+    data = noisy.data.copy()
+    schedule = DiffusionSchedule()
+    seconds, slices_done, all_states = 0.0, 0, []
+    for shell in group_shells(noisy.bvals):
+        if not record["shells"].get(shell.name, {}).get("denoised"):
+            continue
+        slices = normalised_shell_slices(noisy.data, shell, scales)
+        states = np.array(record["shells"][shell.name]["stage2"]["states"]).reshape(-1)
+        model = UNet(preset_config(record["parameters"]["preset"], in_channels=1, noise_embedding=True))
+        checkpoint = torch.load(run_dir / "checkpoints" / shell.name / "stage3.pt", map_location="cpu",
+                                weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        started = time.monotonic()
+        flat, _ = denoise_slices(model, slices.reshape(-1, *slices.shape[2:]), states, schedule, sampler=name,
+                                 steps=steps, flips=flips, batch_size=64, device=torch.device("cpu"),
+                                 randomness=Randomness.seeded(0, torch.device("cpu")))
+        seconds += time.monotonic() - started
+        restore_shell_volumes(data, flat.reshape(slices.shape), shell, scales)
+        slices_done += len(states)
+        all_states.append(states)
+    median_state = int(np.median(np.concatenate(all_states)))
+    evaluations = (median_state if name == "ddpm" else min(steps, median_state)) * (4 if flips else 1)
+    return data, evaluations, seconds, slices_done
