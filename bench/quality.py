@@ -53,6 +53,40 @@ def make_case(case: str, snr: float, seed: int) -> Phantom:
     return resynthesise(scan, bvals, bvecs, snr, seed=seed)
 
 
+def markdown_tables(results: Path) -> str:
+    """One table per (case, n, method) of OUT/results.jsonl: a row per denoiser, a column per SNR, each cell
+    PSNR / SSIM / FA RMSE / MD RMSE (1e-3 mm^2/s), the best PSNR and SSIM of each column in bold."""
+    groups: dict[tuple, dict[float, dict]] = {}
+    for line in results.read_text().splitlines():
+        record = json.loads(line)
+        if "case" in record:  # lines of the earlier phantom-only script have no case
+            scores = {**record["scores"], **{f"DDM2, {config}": extra
+                                             for config, extra in record.get("extra_samplers", {}).items()}}
+            groups.setdefault((record["case"], record["n"], record["method"]), {})[record["snr"]] = scores
+    tables = []
+    for (case, n, method), by_snr in groups.items():
+        snrs = sorted(by_snr)
+        names = list(dict.fromkeys(name for scores in by_snr.values() for name in scores))
+        lines = [f"**{case}**, n = {n}, {method}", "", "| method | " + " | ".join(f"SNR {snr:g}" for snr in snrs) + " |",
+                 "| --- |" + " --- |" * len(snrs)]
+        for name in names:
+            cells = []
+            for snr in snrs:
+                score = by_snr[snr].get(name)
+                if score is None:
+                    cells.append("–")
+                    continue
+                best = {key: max(other[key] for key_name, other in by_snr[snr].items() if key_name != "noisy")
+                        for key in ("psnr_db", "ssim")}
+                psnr, ssim = f"{score['psnr_db']:.2f}", f"{score['ssim']:.3f}"
+                psnr = f"**{psnr}**" if score["psnr_db"] == best["psnr_db"] else psnr
+                ssim = f"**{ssim}**" if score["ssim"] == best["ssim"] else ssim
+                cells.append(f"{psnr} / {ssim} / {score['fa_rmse']:.3f} / {score['md_rmse'] * 1e3:.3f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs="+", default=["hardi55", "clinical6", "phantom"])
@@ -67,7 +101,11 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    parser.add_argument("--tables", action="store_true", help="print OUT/results.jsonl as markdown tables, run nothing")
     args = parser.parse_args()
+    if args.tables:
+        print(markdown_tables(args.out / "results.jsonl"))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     for case, snr, n, method in itertools.product(args.case, args.snr, args.n, args.method):
         run_dir = args.out / f"{case}-snr{snr:g}-n{n}-{method}"
