@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ddm2.dwi import DWI
+from ddm2.dwi import B0_THRESHOLD, DWI
 
 # tissue: (b = 0 signal, eigenvalues in mm^2/s)
 TISSUES = {
@@ -64,7 +64,7 @@ def dipy_gradient_table(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def noise_level(truth: np.ndarray, bvals: np.ndarray, mask: np.ndarray, snr: float) -> float:
     """The Gaussian sigma that gives ``snr`` = mean b = 0 signal inside ``mask`` / sigma."""
-    b0 = truth[..., np.asarray(bvals) <= 50].mean(axis=3)
+    b0 = truth[..., np.asarray(bvals) <= B0_THRESHOLD].mean(axis=3)
     return float(b0[mask].mean() / snr)
 
 
