@@ -25,12 +25,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-from resample import resample
+from resample import resample_scores
 
 from ddm2 import dwi as dwi_io
 from ddm2.demo import run_with_truth
 from ddm2.maps import dti_maps
-from ddm2.metrics import score_against_truth
 from ddm2.phantom import Phantom, default_gradient_table, dipy_gradient_table, make_phantom
 from ddm2.pipeline import Settings
 from ddm2.progress import Reporter
@@ -121,10 +120,7 @@ def main() -> None:
         truth_maps = dti_maps(truth.data, truth.bvals, truth.bvecs_voxel(), mask=truth_case.mask)
         extra = {}
         for config in args.extra_samplers:
-            data, evaluations, sampling_seconds, n_slices = resample(run_dir, truth_case.noisy, config)
-            extra[config] = {**score_against_truth(data, truth.data, truth.bvals, truth.bvecs_voxel(),
-                                                   truth_case.mask, truth_maps),
-                             "evaluations": evaluations, "seconds_per_slice": sampling_seconds / n_slices}
+            extra[config] = resample_scores(run_dir, truth_case.noisy, truth, truth_case.mask, truth_maps, config)
             table += (f"\nDDM2 with {config}: {extra[config]['psnr_db']:.2f} dB, SSIM {extra[config]['ssim']:.4f}, "
                       f"FA RMSE {extra[config]['fa_rmse']:.4f}, MD RMSE {extra[config]['md_rmse'] * 1e3:.4f}e-3")
         record = {"case": case, "shape": list(truth.data.shape), "snr": snr, "n": n, "method": method,

@@ -13,6 +13,7 @@ import torch
 
 from ddm2.data import group_shells, normalised_shell_slices, restore_shell_volumes, volume_scales
 from ddm2.dwi import DWI
+from ddm2.metrics import score_against_truth
 from ddm2.sampler import denoise_slices
 from ddm2.schedule import DiffusionSchedule
 from ddm2.training import Randomness
@@ -56,3 +57,12 @@ def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, f
     median_state = int(np.median(np.concatenate(all_states)))
     evaluations = (median_state if name == "ddpm" else min(steps, median_state)) * (4 if flips else 1)
     return data, evaluations, seconds, slices_done
+
+
+def resample_scores(run_dir: Path, noisy: DWI, truth: DWI, mask: np.ndarray, truth_maps: dict,
+                    config: str) -> dict:
+    """``score_against_truth`` of the run re-sampled with ``config``, plus ``evaluations`` (F evaluations per
+    slice at the median state) and ``seconds_per_slice``."""
+    data, evaluations, seconds, n_slices = resample(run_dir, noisy, config)
+    return {**score_against_truth(data, truth.data, truth.bvals, truth.bvecs_voxel(), mask, truth_maps),
+            "evaluations": evaluations, "seconds_per_slice": seconds / n_slices}

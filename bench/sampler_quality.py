@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 import nibabel as nib
-from resample import resample
+from resample import resample_scores
 
 from ddm2 import dwi as dwi_io
 from ddm2.maps import dti_maps
@@ -32,9 +32,8 @@ def main() -> None:
     rows = {"noisy": (0, score_against_truth(noisy.data, truth.data, truth.bvals, truth.bvecs_voxel(), mask,
                                              truth_maps), 0.0)}
     for config in args.configs:
-        data, evaluations, seconds, n_slices = resample(args.run_dir, noisy, config)
-        rows[config] = (evaluations, score_against_truth(data, truth.data, truth.bvals, truth.bvecs_voxel(),
-                                                         mask, truth_maps), seconds / n_slices)
+        scores = resample_scores(args.run_dir, noisy, truth, mask, truth_maps, config)
+        rows[config] = (scores["evaluations"], scores, scores["seconds_per_slice"])
     print(f"{'config':16} {'F evals/slice':>13} {'PSNR':>7} {'SSIM':>7} {'FA RMSE':>8} {'s/slice':>8}")
     for config, (evaluations, scores, seconds) in rows.items():
         print(f"{config:16} {evaluations:>13} {scores['psnr_db']:7.2f} {scores['ssim']:7.4f} "

@@ -165,6 +165,9 @@ def child(input_path: str, out: str, argv: list[str]) -> None:
 # --memory-check --tiny-network: the small preset's shape at a quarter of its channels. The data copies,
 # which the check is about, do not depend on the network; a 16x cheaper network makes the 25,000 network
 # evaluations of a 128 x 128 x 64 x 193 input take minutes instead of an hour on 2 CPU cores.
+# the peak RSS (kB) of a measuring child process, defined in its code
+READ_PEAK_KB = ("peak_kb = lambda: int(next(l for l in open('/proc/self/status') "
+                "if l.startswith('VmHWM:')).split()[1])\n")
 TINY_NETWORK = "import ddm2.unet; ddm2.unet.PRESETS['small'].update(base_channels=4, norm_groups=2)\n"
 
 
@@ -174,7 +177,7 @@ def engine_baseline_rss(preset: str, tiny: bool = False) -> float:
             "from ddm2.unet import UNet, preset_config\n"
             f"UNet(preset_config('{preset}', in_channels=8, condition_dim=20)); "
             f"UNet(preset_config('{preset}', in_channels=1, noise_embedding=True))\n"
-            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1])")
+            + READ_PEAK_KB + "print(peak_kb())")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(completed.stdout.split()[-1]) / 2 ** 20
 
@@ -262,10 +265,9 @@ def activation_peak_gb(height: int, width: int, batch: int) -> float:
     code = ("import torch\nfrom ddm2.stage1 import input_channels\nfrom ddm2.unet import UNet, preset_config\n"
             "net = UNet(preset_config('small', in_channels=input_channels(2, 1), condition_dim=18)).eval()\n"
             f"x = torch.zeros({batch}, input_channels(2, 1), {height}, {width}); c = torch.zeros({batch}, 18)\n"
-            "status = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1])\n"
-            "before = status()\n"
+            + READ_PEAK_KB + "before = peak_kb()\n"
             "with torch.no_grad(): net(x, condition=c)\n"
-            "print(status() - before)")
+            "print(peak_kb() - before)")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(completed.stdout.split()[-1]) / 2 ** 20
 
