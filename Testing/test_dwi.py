@@ -8,7 +8,7 @@ import pytest
 
 from ddm2 import dwi as dwi_io
 from ddm2.dwi import DWI, InputError
-from paths import PHILIPS
+from paths import PHILIPS, needs_philips
 
 
 
@@ -90,6 +90,7 @@ def test_nrrd_measurement_frame_rotates_gradients_into_ras(tmp_path):
     np.testing.assert_allclose(loaded.affine[:3, :3], np.diag([-1, -1, 1]))
 
 
+@needs_philips
 def test_fsl_bvecs_of_the_real_scan_map_back_to_the_file():
     scan = dwi_io.load(PHILIPS)
     file_bvecs = np.loadtxt(str(PHILIPS).replace(".nii.gz", ".bvec")).T

@@ -20,7 +20,7 @@ from ddm2 import dwi as dwi_io
 from ddm2.cli import main
 from ddm2.phantom import default_gradient_table, make_phantom
 from ddm2.progress import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK
-from paths import PHILIPS
+from paths import PHILIPS, needs_philips
 
 TINY = ["--stage1-steps", "4", "--stage3-steps", "4", "--sampler", "ddim", "--sampling-steps", "2",
         "--device", "cpu", "--preset", "small"]
@@ -224,6 +224,7 @@ def test_disk_full_is_reported_as_such(tiny_input, tmp_path, capsys, monkeypatch
 
 
 @pytest.mark.slow
+@needs_philips
 def test_real_scan_denoises_into_every_output(tmp_path):
     """The Philips scan (5 b0 + 12 directions) with small CPU settings: its b0 volumes are denoised too."""
     out = tmp_path / "philips"

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from paths import PHILIPS
+from paths import PHILIPS, needs_philips
 
 from ddm2 import dwi as dwi_io
 from ddm2.maps import dti_maps
 from ddm2.phantom import dipy_gradient_table
 from ddm2.semisynthetic import resynthesise, with_b0_volumes
+
+pytestmark = needs_philips
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""DDM2SlicerLib pieces that need no scene: the NRRD writer, progress text, the job runner."""
+"""DDM2SlicerLib pieces that need no scene: the NRRD writer, progress text, the job runner, the CMake
+file list."""
 
 from __future__ import annotations
 
@@ -102,3 +103,14 @@ def test_a_failing_worker_reports_its_error_event(tmp_path):
     result = job.waitForFinished(30)
     assert (result.state, result.exitCode) == (jobs.FAILED, 2)
     assert result.errorMessage == "bval has 7 entries, the image 8 volumes"
+
+
+def test_cmake_ships_every_python_file_of_the_module_and_engine():
+    """The extension installs only the files CMake lists by name: a new engine module must be listed."""
+    import re
+
+    listed = set(re.findall(r"^\s+(\S+\.py)\s*$", (ROOT / "DDM2Slicer" / "CMakeLists.txt").read_text(), re.M))
+    folder = ROOT / "DDM2Slicer"
+    present = {str(path.relative_to(folder)) for pattern in ("*.py", "DDM2SlicerLib/*.py", "ddm2/*.py")
+               for path in folder.glob(pattern)}
+    assert listed == present
