@@ -29,3 +29,19 @@ def test_noise_level_and_condition_change_the_output():
     c = conditioned(x, condition=torch.zeros(1, 6))
     d = conditioned(x, condition=torch.ones(1, 6))
     assert (c - d).abs().max() > 1e-4
+
+
+def test_a_compiled_network_computes_the_same_and_keeps_its_checkpoint_keys():
+    """``ddm2 --compile``: torch.compile in place, so checkpoints load into a plain network and back."""
+    from ddm2.training import prepare_model
+
+    torch.manual_seed(0)
+    plain = UNet(preset_config("small", in_channels=1, noise_embedding=True))
+    compiled = UNet(preset_config("small", in_channels=1, noise_embedding=True))
+    compiled.load_state_dict(plain.state_dict())
+    compiled = prepare_model(compiled, torch.device("cpu"), compile_network=True)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    x, level = torch.randn(2, 1, 24, 24), torch.tensor([0.99, 0.9])
+    with torch.no_grad():
+        expected, got = plain(x, noise_level=level), compiled(x, noise_level=level)
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()

@@ -86,9 +86,10 @@ def training_rates(slices: torch.Tensor, truth_slices: torch.Tensor, states: tor
     neighbours = neighbour_table(bvecs, 2, "angular")
     conditions = torch.as_tensor(gradient_features(bvecs, bvals, neighbours), device=device)
     neighbours = torch.as_tensor(neighbours, device=device)
-    phi = UNet(preset_config(args.preset, in_channels=stage1.input_channels(2, 1),
-                             condition_dim=conditions.shape[1])).to(device)
-    denoiser = UNet(preset_config(args.preset, in_channels=1, noise_embedding=True)).to(device)
+    phi = training.prepare_model(UNet(preset_config(args.preset, in_channels=stage1.input_channels(2, 1),
+                                                    condition_dim=conditions.shape[1])), device, args.compile)
+    denoiser = training.prepare_model(UNet(preset_config(args.preset, in_channels=1, noise_embedding=True)),
+                                      device, args.compile)
     losses = {"stage1": (phi, stage1.stage1_batch_loss(phi, sampler, neighbours, conditions, 1)),
               "stage3": (denoiser, stage3.stage3_batch_loss(denoiser, sampler, truth_slices, states,
                                                             DiffusionSchedule()))}
@@ -107,7 +108,8 @@ def training_rates(slices: torch.Tensor, truth_slices: torch.Tensor, states: tor
 
 def inference_rates(slices: np.ndarray, reference_state: int, args, device: torch.device) -> list[dict]:
     """Seconds per slice of every (sampler, flips, batch) combination."""
-    denoiser = UNet(preset_config(args.preset, in_channels=1, noise_embedding=True)).to(device)
+    denoiser = training.prepare_model(UNet(preset_config(args.preset, in_channels=1, noise_embedding=True)),
+                                      device, args.compile)
     schedule = DiffusionSchedule()
     chain_steps = {"ddpm": reference_state, "ddim": args.sampling_steps}
     rows = []
@@ -120,6 +122,9 @@ def inference_rates(slices: np.ndarray, reference_state: int, args, device: torc
                     states, timed_sampler, timed_steps = np.full(batch, probe), "ddpm", probe
                 else:
                     states, timed_sampler, timed_steps = np.full(batch, reference_state), sampler, chain_steps[sampler]
+                # one untimed step first: CUDA's lazy start-up, and with --compile the compiling for this batch
+                denoise_slices(denoiser, noisy, np.ones(batch, dtype=np.int64), schedule, sampler="ddpm", flips=flips,
+                               batch_size=batch, device=device, randomness=training.Randomness.seeded(0, device))
                 _synchronise(device)
                 started = time.perf_counter()
                 denoise_slices(denoiser, noisy, states, schedule, sampler=timed_sampler, steps=args.sampling_steps,
@@ -233,7 +238,7 @@ def speed(args, device: torch.device) -> dict:
         input_path, args.out / "run", args,
         ["--device", args.device, "--preset", args.preset, "--stage1-steps", str(stage1_steps),
          "--stage3-steps", str(stage3_steps), "--sampler", "ddim", "--sampling-steps", str(args.sampling_steps),
-         "--inference-batch", str(args.inference_batch)])
+         "--inference-batch", str(args.inference_batch), *(["--compile"] if args.compile else [])])
     return figures
 
 
@@ -299,6 +304,7 @@ def main() -> None:
     parser.add_argument("--inference-batch", type=int, default=64)
     parser.add_argument("--pipeline-steps", type=int, nargs=2, default=(20, 20), metavar=("STAGE1", "STAGE3"))
     parser.add_argument("--snr", type=float, default=10.0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks (as ddm2 --compile)")
     parser.add_argument("--memory-check", action="store_true", help="the 128 x 128 x 64 x 193 peak-RAM check")
     parser.add_argument("--tiny-network", action="store_true",
                         help="memory check with a quarter-width network (see TINY_NETWORK), plus the small "

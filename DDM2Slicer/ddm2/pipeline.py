@@ -67,6 +67,7 @@ class Settings:
     flips: bool = False
     checkpoint_every: int = 500
     inference_batch: int = 0  # 0: 64 on a GPU; 16 on CPU, where larger batches are no faster and cost RAM
+    compile_network: bool = False  # torch.compile both networks: minutes of compiling, then faster steps
     save_stage1: bool = False
     write_report: bool = True
 
@@ -373,9 +374,8 @@ class ShellJob:
         started = time.monotonic()
         s = self.settings
         condition_dim = self.conditions.shape[1] if self.conditions is not None else 0
-        phi = UNet(preset_config(s.preset, in_channels=stage1.input_channels(s.n, self.context),
-                                 condition_dim=condition_dim)).to(self.device)
-        phi = distributed.wrap(phi, self.device)
+        phi = training.prepare_model(UNet(preset_config(s.preset, in_channels=stage1.input_channels(s.n, self.context),
+                                                        condition_dim=condition_dim)), self.device, s.compile_network)
         self.train(phi, stage1.stage1_batch_loss(phi, self.batches, self.neighbours_t, self.conditions_t,
                                                  self.context), "stage1", s.stage1_steps, 0)
         items = distributed.shard(np.arange(self.n_items))
@@ -424,13 +424,13 @@ class ShellJob:
         """Stage III: the diffusion denoiser F, trained on Stage I's estimate and shuffled residuals."""
         import torch
 
-        from ddm2 import stage3
+        from ddm2 import stage3, training
         from ddm2.unet import UNet, preset_config
 
         self.begin("stage3")
         started = time.monotonic()
-        denoiser = UNet(preset_config(self.settings.preset, in_channels=1, noise_embedding=True)).to(self.device)
-        denoiser = distributed.wrap(denoiser, self.device)
+        denoiser = training.prepare_model(UNet(preset_config(self.settings.preset, in_channels=1, noise_embedding=True)),
+                                          self.device, self.settings.compile_network)
         loss = stage3.stage3_batch_loss(denoiser, self.batches, torch.as_tensor(estimate, device=self.device),
                                         torch.as_tensor(states, device=self.device), self.run.schedule)
         self.train(denoiser, loss, "stage3", self.settings.stage3_steps, 1000)
