@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ddm2.data import (adjacent_neighbours, angular_neighbours, denormalise_volumes, gradient_features,
-                       group_shells, normalise_volumes, normalised_shell_slices, restore_shell_volumes,
+                       group_shells, neighbour_table, normalise_volumes, normalised_shell_slices, restore_shell_volumes,
                        shell_slices)
 
 
@@ -33,6 +34,19 @@ def test_shells_group_b0_and_each_b_value_in_input_order():
 def test_adjacent_neighbours_wrap_around_like_the_authors():
     assert adjacent_neighbours(5, 2).tolist() == [[4, 1], [0, 2], [1, 3], [2, 4], [3, 0]]
     assert adjacent_neighbours(4, 1).tolist() == [[3], [0], [1], [2]]
+
+
+def test_the_second_ring_of_neighbours_shares_no_volume_with_the_first():
+    assert adjacent_neighbours(5, 2, ring=1).tolist() == [[3, 2], [4, 3], [0, 4], [1, 0], [2, 1]]
+    assert adjacent_neighbours(7, 3, ring=1).tolist()[0] == [3, 4, 2]  # v-4, v-3, v+2
+    bvecs = np.array([[1, 0, 0], [0, 1, 0], [-0.99, 0.141, 0], [0, 0, 1], [0.1, 0.995, 0], [0.7, 0.7, 0.14]])
+    bvecs /= np.linalg.norm(bvecs, axis=1, keepdims=True)
+    first, second = neighbour_table(bvecs, 2, "angular"), neighbour_table(bvecs, 2, "angular", ring=1)
+    for v in range(len(bvecs)):
+        assert len({v, *first[v], *second[v]}) == 5
+    assert second[0].tolist() == [4, 1]  # after 2 and 5, the next closest to x
+    with pytest.raises(ValueError, match="2 n <= 3"):
+        neighbour_table(bvecs[:4], 2, "angular", ring=1)
 
 
 def test_angular_neighbours_are_closest_in_angle_whatever_the_sign():

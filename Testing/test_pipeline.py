@@ -15,6 +15,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
+import torch
 
 from ddm2 import dwi as dwi_io
 from ddm2.cli import main
@@ -96,9 +97,23 @@ def test_denoise_writes_every_output_of_the_contract(tiny_input, tmp_path, capsy
     states = np.array(record["shells"]["b1000"]["stage2"]["states"])
     assert states.shape == (8, 3) and states.min() >= 1
     assert record["shells"]["b0"]["denoised"] is False
+    b1000 = record["shells"]["b1000"]
+    assert record["parameters"]["stage3_condition"] == b1000["stage3_condition"] == "stage1"
+    for v, (first, second) in enumerate(zip(b1000["neighbours"], b1000["second_neighbours"])):
+        assert len({v, *first, *second}) == 5  # the independent estimate shares no volume with Stage I's
     assert set(record["versions"]) >= {"torch", "dipy", "ddm2"}
     residual = nib.load(str(out / "residual.nii.gz")).get_fdata()
     np.testing.assert_allclose(residual, source.data - denoised, atol=1e-3)
+
+
+def test_a_shell_too_small_for_two_neighbour_sets_gets_the_papers_stage3(tiny_input, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["denoise", str(tiny_input), "--out", str(out), *TINY, "--n", "4", "--no-report"], capsys)
+    assert code == EXIT_OK
+    assert "b1000]: 8 volumes, fewer than 2n + 1 = 9: F sees the noisy slice only" in err
+    assert json.loads((out / "run.json").read_text())["shells"]["b1000"]["stage3_condition"] == "none"
+    weights = torch.load(out / "checkpoints" / "b1000" / "stage3.pt", weights_only=False)["model"]
+    assert weights["input.weight"].shape[1] == 1  # F's first convolution takes the state alone
 
 
 def test_a_second_run_into_the_same_directory_is_refused(tiny_input, tmp_path, capsys):

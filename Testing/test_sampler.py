@@ -67,3 +67,26 @@ def test_ideal_denoiser_recovers_the_clean_slices_with_mixed_states():
         np.testing.assert_allclose(out, clean, atol=1e-6)
         lengths = [len(c) for c in curves]
         assert lengths == (states.tolist() if sampler == "ddpm" else [min(10, s) for s in states])
+
+
+class ConditionEcho(nn.Module):
+    """A conditioned F that answers with its condition channel (checks which slice's condition it got)."""
+
+    def forward(self, inputs, noise_level=None):
+        assert inputs.shape[1] == 2
+        return inputs[:, 1:]
+
+
+def test_a_conditioned_denoiser_gets_each_slice_its_own_condition_in_every_batch_order():
+    schedule = DiffusionSchedule()
+    rng = np.random.default_rng(2)
+    noisy = rng.normal(size=(7, 6, 6)).astype(np.float32)
+    condition = np.tanh(rng.normal(size=(7, 6, 6))).astype(np.float32)
+    states = np.array([300, 5, 40, 300, 120, 7, 60])  # sorting by state reorders the slices
+    items = np.array([6, 0, 3, 4])
+    for flips in (False, True):
+        out, _ = denoise_slices(ConditionEcho(), noisy, states, schedule, items=items, sampler="ddim", steps=3,
+                                flips=flips, batch_size=3, device=torch.device("cpu"),
+                                randomness=Randomness.seeded(0, torch.device("cpu")),
+                                condition=lambda rows: torch.as_tensor(condition[rows])[:, None])
+        np.testing.assert_array_equal(out, condition[items])

@@ -49,7 +49,7 @@ def test_stage1_alone_lowers_the_error_against_the_truth():
         train(model, loss, steps=250, learning_rate=1e-3, checkpoint_path=Path(folder) / "s1.pt",
               checkpoint_every=1000, randomness=Randomness.seeded(0, torch.device("cpu")), reporter=Reporter(),
               cancel=CancelToken(folder), stage="stage1", shell="b1000", device=torch.device("cpu"))
-    estimate = predict(model, slices, neighbours, conditions, 64, torch.device("cpu"), context=1).reshape(slices.shape)
+    estimate = predict(model, slices, neighbours, conditions, 64, context=1).reshape(slices.shape)
     truth_slices = shell_slices(2 * phantom.truth.data / scales - 1, shell)  # the noisy scan's normalisation
     inside = torch.as_tensor(np.transpose(phantom.mask, (2, 0, 1)))[None].expand(slices.shape).numpy()
     noisy_rmse = np.sqrt(np.mean((slices.numpy() - truth_slices)[inside] ** 2))

@@ -31,7 +31,7 @@ from ddm2 import dwi as dwi_io
 from ddm2.demo import run_with_truth
 from ddm2.maps import dti_maps
 from ddm2.phantom import Phantom, default_gradient_table, dipy_gradient_table, make_phantom
-from ddm2.pipeline import Settings
+from ddm2.pipeline import STAGE3_CONDITIONS, Settings
 from ddm2.progress import Reporter
 from ddm2.semisynthetic import resynthesise, with_b0_volumes
 
@@ -61,12 +61,13 @@ def markdown_tables(results: Path) -> str:
         if "case" in record:  # lines of the earlier phantom-only script have no case
             scores = {**record["scores"], **{f"DDM2, {config}": extra
                                              for config, extra in record.get("extra_samplers", {}).items()}}
-            groups.setdefault((record["case"], record["n"], record["method"]), {})[record["snr"]] = scores
+            key = (record["case"], record["n"], record["method"], record.get("stage3_condition", "none"))
+            groups.setdefault(key, {})[record["snr"]] = scores
     tables = []
-    for (case, n, method), by_snr in groups.items():
+    for (case, n, method, condition), by_snr in groups.items():
         snrs = sorted(by_snr)
         names = list(dict.fromkeys(name for scores in by_snr.values() for name in scores))
-        lines = [f"**{case}**, n = {n}, {method}", "", "| method | " + " | ".join(f"SNR {snr:g}" for snr in snrs) + " |",
+        lines = [f"**{case}**, n = {n}, {method}, Stage III condition: {condition}", "", "| method | " + " | ".join(f"SNR {snr:g}" for snr in snrs) + " |",
                  "| --- |" + " --- |" * len(snrs)]
         for name in names:
             cells = []
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--method", nargs="+", default=["directional"])
     parser.add_argument("--stage1-steps", type=int, default=800)
     parser.add_argument("--stage3-steps", type=int, default=800)
+    parser.add_argument("--stage3-condition", default="auto", choices=STAGE3_CONDITIONS)
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--sampling-steps", type=int, default=5)
     parser.add_argument("--extra-samplers", nargs="*", default=[], help="e.g. ddpm ddim:20:flips")
@@ -107,9 +109,12 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     for case, snr, n, method in itertools.product(args.case, args.snr, args.n, args.method):
-        run_dir = args.out / f"{case}-snr{snr:g}-n{n}-{method}"
         settings = Settings(n=n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, method=method,
-                            sampler=args.sampler, sampling_steps=args.sampling_steps, save_stage1=True)
+                            stage3_condition=args.stage3_condition, sampler=args.sampler,
+                            sampling_steps=args.sampling_steps, save_stage1=True)
+        condition = settings.resolved("cpu").stage3_condition
+        # runs of the paper's F keep the names they had before the conditioned F existed
+        run_dir = args.out / f"{case}-snr{snr:g}-n{n}-{method}{'-conditioned' if condition == 'stage1' else ''}"
         truth_case = make_case(case, snr, settings.seed)
         started = time.monotonic()
         table = run_with_truth(truth_case, run_dir, settings, Reporter(), title=f"{case}, SNR {snr:g}",
@@ -124,6 +129,7 @@ def main() -> None:
             table += (f"\nDDM2 with {config}: {extra[config]['psnr_db']:.2f} dB, SSIM {extra[config]['ssim']:.4f}, "
                       f"FA RMSE {extra[config]['fa_rmse']:.4f}, MD RMSE {extra[config]['md_rmse'] * 1e3:.4f}e-3")
         record = {"case": case, "shape": list(truth.data.shape), "snr": snr, "n": n, "method": method,
+                  "stage3_condition": condition,
                   "stage1_steps": args.stage1_steps, "stage3_steps": args.stage3_steps, "sampler": args.sampler,
                   "sampling_steps": args.sampling_steps, "seconds": seconds, "machine": platform.node(),
                   "date": date.today().isoformat(), "scores": scores, "extra_samplers": extra}

@@ -42,14 +42,19 @@ def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, f
             continue
         slices = normalised_shell_slices(noisy.data, shell, scales)
         states = np.array(record["shells"][shell.name]["stage2"]["states"]).reshape(-1)
-        model = UNet(preset_config(record["parameters"]["preset"], in_channels=1, noise_embedding=True))
+        conditioned = record["shells"][shell.name].get("stage3_condition") == "stage1"
+        model = UNet(preset_config(record["parameters"]["preset"], in_channels=2 if conditioned else 1,
+                                   noise_embedding=True))
+        # a conditioned F's second channel: the run's stored Stage I estimate (what the run recomputes)
+        estimate = np.load(run_dir / "checkpoints" / shell.name / "stage1_estimate.npy").reshape(-1, *slices.shape[2:])
         checkpoint = torch.load(run_dir / "checkpoints" / shell.name / "stage3.pt", map_location="cpu",
                                 weights_only=False)
         model.load_state_dict(checkpoint["model"])
         started = time.monotonic()
         flat, _ = denoise_slices(model, slices.reshape(-1, *slices.shape[2:]), states, schedule, sampler=name,
                                  steps=steps, flips=flips, batch_size=64, device=torch.device("cpu"),
-                                 randomness=Randomness.seeded(0, torch.device("cpu")))
+                                 randomness=Randomness.seeded(0, torch.device("cpu")),
+                                 condition=(lambda items: torch.as_tensor(estimate[items])[:, None]) if conditioned else None)
         seconds += time.monotonic() - started
         restore_shell_volumes(data, flat.reshape(slices.shape), shell, scales)
         slices_done += len(states)

@@ -80,19 +80,25 @@ def hardi_table() -> tuple[np.ndarray, np.ndarray]:
 
 def training_rates(slices: torch.Tensor, truth_slices: torch.Tensor, states: torch.Tensor, bvecs: np.ndarray,
                    bvals: np.ndarray, args, device: torch.device) -> dict[str, float]:
-    """Steps per second of Stage I (directional, n = 2, context 1) and Stage III."""
+    """Steps per second of Stage I (directional, n = 2, context 1) and Stage III (conditioned F, the
+    default: every step also runs Stage I's network on the second neighbour set)."""
     batch = PRESET_TRAINING[args.preset]["batch_size"]
     sampler = stage1.SliceSampler(slices, batch)
-    neighbours = neighbour_table(bvecs, 2, "angular")
-    conditions = torch.as_tensor(gradient_features(bvecs, bvals, neighbours), device=device)
-    neighbours = torch.as_tensor(neighbours, device=device)
+    tables = [neighbour_table(bvecs, 2, "angular", ring) for ring in (0, 1)]
+    (neighbours, conditions), (second, second_conditions) = [
+        (torch.as_tensor(table, device=device), torch.as_tensor(gradient_features(bvecs, bvals, table), device=device))
+        for table in tables]
     phi = training.prepare_model(UNet(preset_config(args.preset, in_channels=stage1.input_channels(2, 1),
                                                     condition_dim=conditions.shape[1])), device, args.compile)
-    denoiser = training.prepare_model(UNet(preset_config(args.preset, in_channels=1, noise_embedding=True)),
+    denoiser = training.prepare_model(UNet(preset_config(args.preset, in_channels=2, noise_embedding=True)),
                                       device, args.compile)
+
+    def independent_estimate(volumes, slice_index):
+        return stage1.estimate_batch(phi, slices, second, second_conditions, volumes, slice_index, 1)
+
     losses = {"stage1": (phi, stage1.stage1_batch_loss(phi, sampler, neighbours, conditions, 1)),
               "stage3": (denoiser, stage3.stage3_batch_loss(denoiser, sampler, truth_slices, states,
-                                                            DiffusionSchedule()))}
+                                                            DiffusionSchedule(), independent_estimate))}
     rates = {}
     with tempfile.TemporaryDirectory() as folder:
         for stage, (model, batch_loss) in losses.items():

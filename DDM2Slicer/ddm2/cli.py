@@ -22,7 +22,7 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
 
 def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_steps: int,
                   sampler: str = "ddpm", sampling_steps: int = 20) -> None:
-    from ddm2.pipeline import METHODS
+    from ddm2.pipeline import METHODS, STAGE3_CONDITIONS
     from ddm2.sampler import SAMPLERS
 
     group = parser.add_argument_group("method")
@@ -37,6 +37,10 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--context-slices", type=int, choices=[0, 1], default=1,
                        help="directional method: Stage I also sees slices z-1 and z+1 of the neighbours and "
                             "of the target volume (default 1; 0: the paper's single slice)")
+    group.add_argument("--stage3-condition", choices=STAGE3_CONDITIONS, default="auto",
+                       help="stage1: Stage III's network also sees Stage I's estimate of the slice; none: only "
+                            "the noisy slice, as in the paper (default auto: stage1 for the directional method, "
+                            "none for the paper's; a shell needs 2n + 1 volumes for stage1)")
     group.add_argument("--sampler", choices=SAMPLERS, default=sampler,
                        help=f"ddpm: every state from t* (the paper); ddim: --sampling-steps deterministic steps "
                             f"(default {sampler})")
@@ -62,7 +66,8 @@ def _settings(args: argparse.Namespace, **extra):
     from ddm2.pipeline import Settings
 
     return Settings(n=args.n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, preset=args.preset,
-                    seed=args.seed, method=args.method, context_slices=args.context_slices, batch_size=args.batch_size,
+                    seed=args.seed, method=args.method, context_slices=args.context_slices,
+                    stage3_condition=args.stage3_condition, batch_size=args.batch_size,
                     learning_rate=args.learning_rate, sampler=args.sampler, sampling_steps=args.sampling_steps,
                     flips=args.flips, checkpoint_every=args.checkpoint_every,
                     inference_batch=args.inference_batch, compile_network=args.compile, **extra)

@@ -84,17 +84,19 @@ def group_shells(bvals: np.ndarray, tolerance: float = SHELL_TOLERANCE) -> list[
 
 # ---------------------------------------------------------------------------------- neighbours
 
-def adjacent_neighbours(n_volumes: int, n: int) -> np.ndarray:
+def adjacent_neighbours(n_volumes: int, n: int, ring: int = 0) -> np.ndarray:
     """The authors' neighbours: volumes v-p..v-1, v+1..v+p in acquisition order, wrapping around
-    (one more on the left when n is odd, so n = 1 is volume v - 1)."""
+    (one more on the left when n is odd, so n = 1 is volume v - 1). Ring 1 is the next n out on each
+    side (v-2p..v-p-1, v+p+1..v+2p): a second set that shares no volume with the first."""
     left = (n + 1) // 2
     right = n // 2
-    offsets = [-k for k in range(left, 0, -1)] + list(range(1, right + 1))
+    offsets = [-(ring * left + k) for k in range(left, 0, -1)] + [ring * right + k for k in range(1, right + 1)]
     return np.array([[(v + o) % n_volumes for o in offsets] for v in range(n_volumes)], dtype=np.int64)
 
 
-def angular_neighbours(bvecs: np.ndarray, n: int) -> np.ndarray:
-    """For each volume, the n other volumes whose gradient directions are closest in angle.
+def angular_neighbours(bvecs: np.ndarray, n: int, ring: int = 0) -> np.ndarray:
+    """For each volume, the n other volumes whose gradient directions are closest in angle (ring 0),
+    or the next n closest after those (ring 1).
 
     Diffusion signal is antipodally symmetric, so the angle between g and -g is zero: closeness is
     |g_v . g_u|. Ties are broken by acquisition order, so the table is deterministic.
@@ -103,19 +105,20 @@ def angular_neighbours(bvecs: np.ndarray, n: int) -> np.ndarray:
     similarity = np.abs(bvecs @ bvecs.T)
     np.fill_diagonal(similarity, -np.inf)
     order = np.argsort(-similarity, axis=1, kind="stable")
-    return order[:, :n].astype(np.int64)
+    return order[:, ring * n:(ring + 1) * n].astype(np.int64)
 
 
-def neighbour_table(bvecs: np.ndarray, n: int, mode: str) -> np.ndarray:
-    """(V, n) indices (within the shell) of the volumes that predict each volume in Stage I."""
+def neighbour_table(bvecs: np.ndarray, n: int, mode: str, ring: int = 0) -> np.ndarray:
+    """(V, n) indices (within the shell) of the volumes that predict each volume in Stage I. Ring 1 is a
+    second set with none of ring 0's volumes (Stage III's independent estimate); it needs 2n + 1 volumes."""
     n_volumes = len(bvecs)
-    if not 1 <= n <= n_volumes - 1:
-        raise ValueError(f"n = {n} needs 1 <= n <= {n_volumes - 1} for a shell of {n_volumes} volumes")
+    if not 1 <= n * (ring + 1) <= n_volumes - 1:
+        raise ValueError(f"n = {n} needs 1 <= {ring + 1} n <= {n_volumes - 1} for a shell of {n_volumes} volumes")
     has_directions = np.linalg.norm(bvecs, axis=1).min() > 0.5
     if mode == "angular" and has_directions:
-        return angular_neighbours(bvecs, n)
+        return angular_neighbours(bvecs, n, ring)
     if mode in ("angular", "adjacent"):
-        return adjacent_neighbours(n_volumes, n)
+        return adjacent_neighbours(n_volumes, n, ring)
     raise ValueError(f"unknown neighbour mode {mode!r}; use 'angular' or 'adjacent'")
 
 

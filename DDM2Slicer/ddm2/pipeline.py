@@ -43,6 +43,7 @@ from ddm2.progress import STAGE_WEIGHTS, Cancelled, CancelToken, Reporter
 from ddm2.schedule import DiffusionSchedule
 
 METHODS = ("directional", "paper")
+STAGE3_CONDITIONS = ("auto", "stage1", "none")  # auto: stage1 for the directional method, none for the paper's
 PRESET_TRAINING = {  # batch size and learning rate of each network preset
     "paper": {"batch_size": 32, "learning_rate": 1e-4},
     "small": {"batch_size": 8, "learning_rate": 1e-3},
@@ -60,6 +61,7 @@ class Settings:
     seed: int = 0
     method: str = "directional"  # "paper": adjacent neighbours, no gradient information, no context
     context_slices: int = 1  # Stage I's through-plane context K (directional method only)
+    stage3_condition: str = "auto"  # "stage1": F also sees Stage I's estimate (ddm2.stage3); "none": the paper's F
     batch_size: int = 0  # 0: the preset's
     learning_rate: float = 0.0  # 0: the preset's
     sampler: str = "ddpm"
@@ -75,7 +77,9 @@ class Settings:
         """Fill the 'auto' and 0 fields for a device."""
         preset = self.preset if self.preset != "auto" else ("paper" if device_type == "cuda" else "small")
         training = PRESET_TRAINING[preset]
-        return Settings(**{**asdict(self), "preset": preset,
+        condition = self.stage3_condition if self.stage3_condition != "auto" else \
+            ("stage1" if self.method == "directional" else "none")
+        return Settings(**{**asdict(self), "preset": preset, "stage3_condition": condition,
                            "batch_size": self.batch_size or training["batch_size"],
                            "learning_rate": self.learning_rate or training["learning_rate"],
                            "inference_batch": self.inference_batch or (64 if device_type == "cuda" else 16)})
@@ -337,13 +341,27 @@ class ShellJob:
         bvecs = run.dwi.bvecs[list(shell.indices)]
         bvals = run.dwi.bvals[list(shell.indices)]
         directional = s.method == "directional" and not shell.is_b0
-        neighbours = neighbour_table(bvecs, s.n, "angular" if directional else "adjacent")
+        mode = "angular" if directional else "adjacent"
+        neighbours = neighbour_table(bvecs, s.n, mode)
         self.conditions = gradient_features(bvecs, bvals, neighbours) if directional else None
         self.context = stage1.usable_context(s.context_slices, slices.shape[1]) if s.method == "directional" else 0
-        run.record["shells"][shell.name]["neighbours"] = neighbours.tolist()
+        # a conditioned F needs a second Stage I estimate from n volumes that are not among the first n
+        self.conditioned = s.stage3_condition == "stage1" and len(shell.indices) >= 2 * s.n + 1
+        if s.stage3_condition == "stage1" and not self.conditioned:
+            run.reporter.log(f"stage3 [{shell.name}]: {len(shell.indices)} volumes, fewer than 2n + 1 = {2 * s.n + 1}: "
+                             "F sees the noisy slice only (as in the paper)")
+        record = run.record["shells"][shell.name]
+        record["neighbours"] = neighbours.tolist()
+        record["stage3_condition"] = "stage1" if self.conditioned else "none"
         self.slices_t = torch.as_tensor(slices, device=self.device)
         self.neighbours_t = torch.as_tensor(neighbours, device=self.device)
         self.conditions_t = torch.as_tensor(self.conditions, device=self.device) if directional else None
+        if self.conditioned:
+            second = neighbour_table(bvecs, s.n, mode, ring=1)
+            record["second_neighbours"] = second.tolist()
+            self.second_neighbours_t = torch.as_tensor(second, device=self.device)
+            self.second_conditions_t = torch.as_tensor(gradient_features(bvecs, bvals, second),
+                                                       device=self.device) if directional else None
         self.batches = stage1.SliceSampler(self.slices_t, s.batch_size)
 
     def begin(self, stage: str) -> None:
@@ -365,7 +383,6 @@ class ShellJob:
     def stage1(self) -> np.ndarray:
         """Stage I's estimate of every slice (V, Z, H, W): trained and computed once, then read back."""
         from ddm2 import stage1, training
-        from ddm2.unet import UNet, preset_config
 
         path = self.folder / "stage1_estimate.npy"
         if path.exists():
@@ -373,14 +390,12 @@ class ShellJob:
         self.begin("stage1")
         started = time.monotonic()
         s = self.settings
-        condition_dim = self.conditions.shape[1] if self.conditions is not None else 0
-        phi = training.prepare_model(UNet(preset_config(s.preset, in_channels=stage1.input_channels(s.n, self.context),
-                                                        condition_dim=condition_dim)), self.device, s.compile_network)
+        phi = training.prepare_model(self.stage1_network(), self.device, s.compile_network)
         self.train(phi, stage1.stage1_batch_loss(phi, self.batches, self.neighbours_t, self.conditions_t,
                                                  self.context), "stage1", s.stage1_steps, 0)
         items = distributed.shard(np.arange(self.n_items))
         rows = stage1.predict(training.unwrap(phi), self.slices_t, self.neighbours_t, self.conditions_t,
-                              s.inference_batch, self.device, self.context, items)
+                              s.inference_batch, self.context, items)
         # every rank needs the whole estimate: Stage II and III use all of it
         estimate = distributed.gather_rows(rows, items, self.n_items, to_all=True)[0].reshape(self.slices.shape)
         if distributed.is_main():
@@ -388,6 +403,25 @@ class ShellJob:
         self.run.timed(f"stage1_{self.shell.name}", time.monotonic() - started)
         self.run.save_record()
         return estimate
+
+    def stage1_network(self):
+        """Stage I's U-Net for this shell's inputs, untrained."""
+        from ddm2 import stage1
+        from ddm2.unet import UNet, preset_config
+
+        condition_dim = self.conditions.shape[1] if self.conditions is not None else 0
+        return UNet(preset_config(self.settings.preset, in_channels=stage1.input_channels(self.settings.n, self.context),
+                                  condition_dim=condition_dim))
+
+    def stage1_estimates(self, neighbours, conditions):
+        """(volumes, slice_index) -> Stage I's estimate (B, 1, H, W) from the given neighbour table, by the
+        trained network read back from its checkpoint (a resumed run has no network in memory)."""
+        from ddm2 import stage1, training
+
+        phi = self.stage1_network().to(self.device).eval()
+        phi.load_state_dict(training.load_checkpoint(self.folder / "stage1.pt", self.device)["model"])
+        return lambda volumes, slice_index: stage1.estimate_batch(phi, self.slices_t, neighbours, conditions,
+                                                                  volumes, slice_index, self.context)
 
     def stage2(self, estimate: np.ndarray) -> np.ndarray:
         """Stage II: the matched state of every slice (V, Z), >= 1; recorded in run.json."""
@@ -429,10 +463,13 @@ class ShellJob:
 
         self.begin("stage3")
         started = time.monotonic()
-        denoiser = training.prepare_model(UNet(preset_config(self.settings.preset, in_channels=1, noise_embedding=True)),
+        channels = 2 if self.conditioned else 1
+        denoiser = training.prepare_model(UNet(preset_config(self.settings.preset, in_channels=channels,
+                                                             noise_embedding=True)),
                                           self.device, self.settings.compile_network)
+        second = self.stage1_estimates(self.second_neighbours_t, self.second_conditions_t) if self.conditioned else None
         loss = stage3.stage3_batch_loss(denoiser, self.batches, torch.as_tensor(estimate, device=self.device),
-                                        torch.as_tensor(states, device=self.device), self.run.schedule)
+                                        torch.as_tensor(states, device=self.device), self.run.schedule, second)
         self.train(denoiser, loss, "stage3", self.settings.stage3_steps, 1000)
         self.run.timed(f"stage3_{self.shell.name}", time.monotonic() - started)
         return denoiser
@@ -451,6 +488,16 @@ class ShellJob:
             run.cancel.check()
 
         flat_states = states.reshape(-1)
+        condition = None
+        if self.conditioned:  # recomputed batch by batch: no shell-sized estimate in memory
+            import torch
+
+            estimates = self.stage1_estimates(self.neighbours_t, self.conditions_t)
+            n_slices = self.slices.shape[1]
+
+            def condition(items: np.ndarray):
+                index = torch.as_tensor(items, device=self.device)
+                return estimates(index // n_slices, index % n_slices)
         # interleaved shards of the slices sorted by state: every rank gets as many long chains as short.
         # A shard in slice order: one process then holds no reordered copy of the shell (the sampler
         # batches by state itself)
@@ -459,7 +506,7 @@ class ShellJob:
             training.unwrap(denoiser), self.slices.reshape(-1, *self.slices.shape[2:]), flat_states, run.schedule,
             items=items, sampler=s.sampler, steps=s.sampling_steps, flips=s.flips, batch_size=s.inference_batch,
             device=self.device, randomness=training.Randomness.seeded(s.seed + 2000 + self.rank, self.device),
-            on_batch=on_batch)
+            condition=condition, on_batch=on_batch)
 
         def batch_count(count: int) -> int:
             return -(-count // s.inference_batch)

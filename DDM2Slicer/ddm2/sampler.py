@@ -12,7 +12,9 @@ Both are the same update with eta = 1 and eta = 0: for a step from state k to k'
 and ``s = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab')``; with eta = 1 and k' = k - 1 this is
 exactly DDPM's posterior q(S_k-1 | S_k, x0).
 
-Slices are sorted by state and run many per batch; each sample follows its own state sequence.
+Slices are sorted by state and run many per batch; each sample follows its own state sequence. A
+conditioned F (``ddm2.stage3``) gets each slice's Stage I estimate as a second input channel, the same
+at every step.
 """
 
 from __future__ import annotations
@@ -44,13 +46,16 @@ def state_sequences(states: np.ndarray, sampler: str, steps: int | None) -> np.n
     raise ValueError(f"unknown sampler {sampler!r}; use one of {SAMPLERS}")
 
 
-def predict_clean(model: nn.Module, state: torch.Tensor, level: torch.Tensor, flips: bool) -> torch.Tensor:
-    """F's prediction of S_0, optionally averaged over the four flips (the authors' test-time ensemble)."""
+def predict_clean(model: nn.Module, state: torch.Tensor, level: torch.Tensor, flips: bool,
+                  condition: torch.Tensor | None = None) -> torch.Tensor:
+    """F's prediction of S_0, optionally averaged over the four flips (the authors' test-time ensemble);
+    ``condition`` (B, 1, H, W) is a conditioned F's second channel."""
+    inputs = state if condition is None else torch.cat([state, condition], dim=1)
     if not flips:
-        return model(state, noise_level=level).float()
+        return model(inputs, noise_level=level).float()
     total = torch.zeros_like(state, dtype=torch.float32)
     for dims in ([], [-1], [-2], [-2, -1]):
-        flipped = state.flip(dims) if dims else state
+        flipped = inputs.flip(dims) if dims else inputs
         output = model(flipped, noise_level=level).float()
         total += output.flip(dims) if dims else output
     return total / 4
@@ -75,6 +80,7 @@ def reverse_step(state: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor,
 def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, schedule: DiffusionSchedule, *,
                    items: np.ndarray | None = None, sampler: str = "ddpm", steps: int | None = None, flips: bool = False, batch_size: int = 64,
                    device: torch.device, randomness: Randomness,
+                   condition: Callable[[np.ndarray], torch.Tensor] | None = None,
                    on_batch: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Run the reverse chain on slices.
 
@@ -83,6 +89,7 @@ def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, sche
     noisy : (S, H, W) slices in normalised units.
     states : (S,) matched states, all >= 1.
     items : indices of the slices to denoise (default all), in the order of the returned rows.
+    condition : for a conditioned F, slice indices -> their Stage I estimates (B, 1, H, W) on ``device``.
     on_batch : called with (slices done, slices total) after each batch (progress, cancellation).
 
     Returns
@@ -106,6 +113,7 @@ def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, sche
         sequences = torch.as_tensor(state_sequences(states[batch], sampler, steps), device=device)
         initial = torch.as_tensor(noisy[items[batch]], device=device)[:, None]
         current = initial.clone()
+        extra = condition(items[batch]) if condition is not None else None
         clean = initial.clone()
         batch_curves = [[] for _ in batch]
         for j in range(sequences.shape[1] - 1):
@@ -115,7 +123,8 @@ def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, sche
                 continue
             k, k_next, state = k[active], k_next[active], current[active]
             with autocast(device):
-                x0 = predict_clean(model, state, sqrt_alpha_bar[k], flips).clamp(-1.0, 1.0)
+                x0 = predict_clean(model, state, sqrt_alpha_bar[k], flips,
+                                   None if extra is None else extra[active]).clamp(-1.0, 1.0)
             noise = torch.randn(state.shape, generator=randomness.device, device=device) if eta > 0 else None
             step = reverse_step(state, x0, alpha_bar[k], alpha_bar[k_next], eta, noise)
             current[active] = step.float()

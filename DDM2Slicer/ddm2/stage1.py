@@ -93,8 +93,19 @@ def stage1_batch_loss(model: nn.Module, sampler: SliceSampler, neighbours: torch
 
 
 @torch.no_grad()
+def estimate_batch(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, conditions: torch.Tensor | None,
+                   volumes: torch.Tensor, slice_index: torch.Tensor, context: int = 0) -> torch.Tensor:
+    """Stage I's estimate (B, 1, H, W) of the slices (volumes, slice_index) from the neighbours in
+    ``neighbours`` (any table of the shell: Stage III also asks for a second, disjoint one)."""
+    inputs = stage1_inputs(slices, neighbours, volumes, slice_index, context)
+    condition = conditions[volumes] if conditions is not None else None
+    with autocast(slices.device):
+        return model(inputs, condition=condition).float()
+
+
+@torch.no_grad()
 def predict(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, conditions: torch.Tensor | None,
-            batch_size: int, device: torch.device, context: int = 0, items: np.ndarray | None = None) -> np.ndarray:
+            batch_size: int, context: int = 0, items: np.ndarray | None = None) -> np.ndarray:
     """Stage I's estimate of the slices ``items`` (flat indices volume * Z + slice; default every slice
     of the shell), (len(items), H, W) float32, computed once."""
     model.eval()
@@ -103,10 +114,6 @@ def predict(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, co
     estimate = np.empty((len(index), *slices.shape[2:]), dtype=np.float32)
     for start in range(0, len(index), batch_size):
         batch = index[start:start + batch_size]
-        volumes, slice_index = batch // n_slices, batch % n_slices
-        inputs = stage1_inputs(slices, neighbours, volumes, slice_index, context)
-        condition = conditions[volumes] if conditions is not None else None
-        with autocast(device):
-            output = model(inputs, condition=condition).float()
+        output = estimate_batch(model, slices, neighbours, conditions, batch // n_slices, batch % n_slices, context)
         estimate[start:start + len(batch)] = output[:, 0].cpu().numpy()
     return estimate

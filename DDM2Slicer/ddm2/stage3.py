@@ -4,7 +4,14 @@ Training inputs are built from Stage I's estimate y-bar and its residual noise:
 ``S = c * y_bar + sqrt(1 - c^2) * shuffle(eps)`` where eps is the residual of the noisy slice x at its
 matched state t* (normalised by sqrt(1 - alpha_bar_t*), mean corrected per Eq. 4) and shuffle
 permutes its pixels (noise shuffle); the target is the raw noisy slice x (J-invariance objective).
-F sees only the one-channel state and the noise level c = sqrt(alpha_bar), never the neighbours.
+In the paper F sees only the one-channel state and the noise level c = sqrt(alpha_bar).
+
+Conditioned F (``condition="stage1"``, our default): F also sees Stage I's estimate y_bar of the slice as
+a second channel, so that its answer can draw on the neighbouring volumes as well as on the slice
+itself. Built from y_bar too, the training state would hold nothing that y_bar does not, and F would
+learn to copy the condition (Stage I again). So the state is built instead from a second Stage I
+estimate y_b from a disjoint set of neighbours (``ddm2.data.neighbour_table`` ring 1): its error is
+independent of y_bar's, as the noisy slice's is at inference, and F learns to weigh the two.
 
 Our choice where the authors' code and the paper leave it open: the training state t of each sample
 is drawn from 1..t* of that slice (the states inference visits), not from the whole chain; the
@@ -12,6 +19,8 @@ continuous level c is uniform between the chain values of t - 1 and t, as in SR3
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +39,8 @@ def shuffle_pixels(noise: torch.Tensor, randomness: Randomness) -> torch.Tensor:
 
 
 def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.Tensor, states: torch.Tensor,
-                      schedule: DiffusionSchedule):
+                      schedule: DiffusionSchedule,
+                      independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
     """The loss closure of one Stage III step.
 
     Parameters
@@ -38,6 +48,8 @@ def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.T
     sampler : draws (volume, slice) pairs of the noisy shell slices (V, Z, H, W).
     estimate : Stage I's estimate of every slice (V, Z, H, W), fixed.
     states : matched state t* of every slice (V, Z), int64, all >= 1.
+    independent_estimate : for a conditioned F, (volumes, slice_index) -> (B, 1, H, W) Stage I estimate
+        from the disjoint neighbours; the state is built from it and ``estimate`` is F's second channel.
     """
     sqrt_alpha_bar = torch.as_tensor(schedule.sqrt_alpha_bar, dtype=torch.float32, device=estimate.device)
 
@@ -45,7 +57,10 @@ def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.T
         volumes, slice_index = sampler.draw(randomness)
         noisy = sampler.slices[volumes, slice_index][:, None]
         y_bar = estimate[volumes, slice_index][:, None]
-        noisy, y_bar = random_flips([noisy, y_bar], randomness)
+        condition = y_bar
+        if independent_estimate is not None:
+            y_bar = independent_estimate(volumes, slice_index)
+        noisy, y_bar, condition = random_flips([noisy, y_bar, condition], randomness)
         matched = states[volumes, slice_index]
         a_m = sqrt_alpha_bar[matched][:, None, None, None]
         sigma_m = torch.sqrt(1 - a_m ** 2)
@@ -59,6 +74,8 @@ def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.T
         level = sqrt_alpha_bar[t] + v * (sqrt_alpha_bar[t - 1] - sqrt_alpha_bar[t])
         c = level[:, None, None, None]
         state = c * y_bar + torch.sqrt(1 - c ** 2) * shuffle_pixels(eps, randomness)
+        if independent_estimate is not None:
+            state = torch.cat([state, condition], dim=1)
         return torch.mean((model(state, noise_level=level).float() - noisy) ** 2)
 
     return batch_loss

@@ -1,0 +1,67 @@
+"""Stage III's training inputs: the paper's F and the conditioned F."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddm2.schedule import DiffusionSchedule
+from ddm2.stage1 import SliceSampler
+from ddm2.stage3 import stage3_batch_loss
+from ddm2.training import Randomness
+
+FLIPS = ([], [-1], [-2], [-2, -1])
+
+
+class Recorder(nn.Module):
+    """Keeps the inputs F was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs, self.levels = None, None
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, inputs, noise_level=None):
+        self.inputs, self.levels = inputs, noise_level
+        return inputs[:, :1] * self.weight
+
+
+def shell(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    noisy = torch.as_tensor(rng.normal(size=(3, 2, 8, 8)), dtype=torch.float32)
+    estimate = torch.as_tensor(rng.normal(size=(3, 2, 8, 8)), dtype=torch.float32)
+    second = torch.as_tensor(rng.normal(size=(3, 2, 8, 8)), dtype=torch.float32)
+    states = torch.full((3, 2), 200)
+    return noisy, estimate, second, states
+
+
+def test_the_papers_f_sees_only_the_state_built_from_stage1s_estimate():
+    noisy, estimate, _, states = shell()
+    model = Recorder()
+    loss = stage3_batch_loss(model, SliceSampler(noisy, 4), estimate, states, DiffusionSchedule())
+    loss(Randomness.seeded(0, torch.device("cpu")))
+    assert model.inputs.shape == (4, 1, 8, 8)
+
+
+def test_the_conditioned_f_sees_stage1s_estimate_beside_a_state_built_from_the_independent_one():
+    noisy, estimate, second, states = shell()
+    schedule = DiffusionSchedule()
+    model = Recorder()
+    loss = stage3_batch_loss(model, SliceSampler(noisy, 6), estimate, states, schedule,
+                             lambda volumes, slices: second[volumes, slices][:, None])
+    loss(Randomness.seeded(3, torch.device("cpu")))
+    assert model.inputs.shape == (6, 2, 8, 8)
+    a_m = schedule.sqrt_alpha_bar[200]
+    sigma_m = np.sqrt(1 - a_m ** 2)
+    for state, condition, c in zip(model.inputs[:, 0], model.inputs[:, 1], model.levels.numpy()):
+        # which slice and which flip: the condition channel is that slice's Stage I estimate, flipped
+        (v, z, dims), = [(v, z, dims) for v in range(3) for z in range(2) for dims in FLIPS
+                         if torch.equal(condition, estimate[v, z].flip(dims) if dims else estimate[v, z])]
+        x, y_b = (t[v, z].flip(dims) if dims else t[v, z] for t in (noisy, second))
+        residual = (x - a_m * y_b) / sigma_m  # the noise of x around the *independent* estimate ...
+        mean = residual.mean()
+        base = y_b + mean * sigma_m / a_m  # ... mean corrected (Eq. 4)
+        shuffled = (state - c * base) / np.sqrt(1 - c ** 2)  # ... and shuffled into the state
+        np.testing.assert_allclose(np.sort(shuffled.flatten().numpy()), np.sort((residual - mean).flatten().numpy()),
+                                   atol=1e-4)
