@@ -56,7 +56,7 @@ def test_denoise_writes_every_output_of_the_contract(tiny_input, tmp_path, capsy
     before = digest(tiny_input)
     out = tmp_path / "run"
     code, events, _ = run_cli(["denoise", str(tiny_input), "--out", str(out), "--progress", "json", *TINY,
-                               "--no-report"], capsys)
+                               "--stage3-condition", "stage1", "--no-report"], capsys)
     assert code == EXIT_OK
     assert digest(tiny_input) == before  # the input is never written
     for name in CONTRACT_OUTPUTS:
@@ -98,7 +98,7 @@ def test_denoise_writes_every_output_of_the_contract(tiny_input, tmp_path, capsy
     assert states.shape == (8, 3) and states.min() >= 1
     assert record["shells"]["b0"]["denoised"] is False
     b1000 = record["shells"]["b1000"]
-    assert record["parameters"]["stage3_condition"] == b1000["stage3_condition"] == "stage1"
+    assert b1000["stage3_condition"] == "stage1"
     for v, (first, second) in enumerate(zip(b1000["neighbours"], b1000["second_neighbours"])):
         assert len({v, *first, *second}) == 5  # the independent estimate shares no volume with Stage I's
     assert set(record["versions"]) >= {"torch", "dipy", "ddm2"}
@@ -106,11 +106,15 @@ def test_denoise_writes_every_output_of_the_contract(tiny_input, tmp_path, capsy
     np.testing.assert_allclose(residual, source.data - denoised, atol=1e-3)
 
 
-def test_a_shell_too_small_for_two_neighbour_sets_gets_the_papers_stage3(tiny_input, tmp_path, capsys):
+@pytest.mark.parametrize("asked", ["stage1", "auto"])
+def test_a_shell_too_small_for_a_conditioned_stage3_gets_the_papers(tiny_input, tmp_path, capsys, asked):
+    """stage1 needs 2n + 1 volumes (here n = 4: 9 > 8); auto conditions only shells of 30 or more."""
     out = tmp_path / "run"
-    code, _, err = run_cli(["denoise", str(tiny_input), "--out", str(out), *TINY, "--n", "4", "--no-report"], capsys)
+    code, _, err = run_cli(["denoise", str(tiny_input), "--out", str(out), *TINY, "--n", "4",
+                            "--stage3-condition", asked, "--no-report"], capsys)
     assert code == EXIT_OK
-    assert "b1000]: 8 volumes, fewer than 2n + 1 = 9: F sees the noisy slice only" in err
+    told = "b1000]: 8 volumes, fewer than 2n + 1 = 9: F sees the noisy slice only" in err
+    assert told == (asked == "stage1")  # auto chose the paper's F itself: nothing to report
     assert json.loads((out / "run.json").read_text())["shells"]["b1000"]["stage3_condition"] == "none"
     weights = torch.load(out / "checkpoints" / "b1000" / "stage3.pt", weights_only=False)["model"]
     assert weights["input.weight"].shape[1] == 1  # F's first convolution takes the state alone

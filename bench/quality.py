@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--method", nargs="+", default=["directional"])
     parser.add_argument("--stage1-steps", type=int, default=800)
     parser.add_argument("--stage3-steps", type=int, default=800)
-    parser.add_argument("--stage3-condition", default="auto", choices=STAGE3_CONDITIONS)
+    parser.add_argument("--stage3-condition", default="stage1", choices=STAGE3_CONDITIONS,
+                        help="stage1 (default here: every case conditioned), none (the paper's F) or auto (ddm2's default)")
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--sampling-steps", type=int, default=5)
     parser.add_argument("--extra-samplers", nargs="*", default=[], help="e.g. ddpm ddim:20:flips")
@@ -112,9 +113,10 @@ def main() -> None:
         settings = Settings(n=n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, method=method,
                             stage3_condition=args.stage3_condition, sampler=args.sampler,
                             sampling_steps=args.sampling_steps, save_stage1=True)
-        condition = settings.resolved("cpu").stage3_condition
+        condition = args.stage3_condition
         # runs of the paper's F keep the names they had before the conditioned F existed
-        run_dir = args.out / f"{case}-snr{snr:g}-n{n}-{method}{'-conditioned' if condition == 'stage1' else ''}"
+        suffix = {"none": "", "stage1": "-conditioned", "auto": "-auto"}[condition]
+        run_dir = args.out / f"{case}-snr{snr:g}-n{n}-{method}{suffix}"
         truth_case = make_case(case, snr, settings.seed)
         started = time.monotonic()
         table = run_with_truth(truth_case, run_dir, settings, Reporter(), title=f"{case}, SNR {snr:g}",

@@ -38,9 +38,9 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
                        help="directional method: Stage I also sees slices z-1 and z+1 of the neighbours and "
                             "of the target volume (default 1; 0: the paper's single slice)")
     group.add_argument("--stage3-condition", choices=STAGE3_CONDITIONS, default="auto",
-                       help="stage1: Stage III's network also sees Stage I's estimate of the slice; none: only "
-                            "the noisy slice, as in the paper (default auto: stage1 for the directional method, "
-                            "none for the paper's; a shell needs 2n + 1 volumes for stage1)")
+                       help="stage1: Stage III's network also sees Stage I's estimate of the slice (a shell needs "
+                            "2n + 1 volumes); none: only the noisy slice, as in the paper (default auto: stage1 for "
+                            "shells of 30 or more directions with the directional method, none otherwise)")
     group.add_argument("--sampler", choices=SAMPLERS, default=sampler,
                        help=f"ddpm: every state from t* (the paper); ddim: --sampling-steps deterministic steps "
                             f"(default {sampler})")

@@ -43,7 +43,10 @@ from ddm2.progress import STAGE_WEIGHTS, Cancelled, CancelToken, Reporter
 from ddm2.schedule import DiffusionSchedule
 
 METHODS = ("directional", "paper")
-STAGE3_CONDITIONS = ("auto", "stage1", "none")  # auto: stage1 for the directional method, none for the paper's
+STAGE3_CONDITIONS = ("auto", "stage1", "none")
+# "auto" conditions F on Stage I (directional method only) in shells of at least this many volumes: it
+# helped with 30 and 55 directions and did not with 6, where at SNR 20 it lost 1.5 dB (bench/RESULTS.md)
+AUTO_CONDITION_MIN_VOLUMES = 30
 PRESET_TRAINING = {  # batch size and learning rate of each network preset
     "paper": {"batch_size": 32, "learning_rate": 1e-4},
     "small": {"batch_size": 8, "learning_rate": 1e-3},
@@ -62,6 +65,7 @@ class Settings:
     method: str = "directional"  # "paper": adjacent neighbours, no gradient information, no context
     context_slices: int = 1  # Stage I's through-plane context K (directional method only)
     stage3_condition: str = "auto"  # "stage1": F also sees Stage I's estimate (ddm2.stage3); "none": the paper's F
+    # "auto": stage1 for directional shells of AUTO_CONDITION_MIN_VOLUMES or more, none otherwise
     batch_size: int = 0  # 0: the preset's
     learning_rate: float = 0.0  # 0: the preset's
     sampler: str = "ddpm"
@@ -77,9 +81,7 @@ class Settings:
         """Fill the 'auto' and 0 fields for a device."""
         preset = self.preset if self.preset != "auto" else ("paper" if device_type == "cuda" else "small")
         training = PRESET_TRAINING[preset]
-        condition = self.stage3_condition if self.stage3_condition != "auto" else \
-            ("stage1" if self.method == "directional" else "none")
-        return Settings(**{**asdict(self), "preset": preset, "stage3_condition": condition,
+        return Settings(**{**asdict(self), "preset": preset,
                            "batch_size": self.batch_size or training["batch_size"],
                            "learning_rate": self.learning_rate or training["learning_rate"],
                            "inference_batch": self.inference_batch or (64 if device_type == "cuda" else 16)})
@@ -345,9 +347,12 @@ class ShellJob:
         neighbours = neighbour_table(bvecs, s.n, mode)
         self.conditions = gradient_features(bvecs, bvals, neighbours) if directional else None
         self.context = stage1.usable_context(s.context_slices, slices.shape[1]) if s.method == "directional" else 0
+        wanted = s.stage3_condition
+        if wanted == "auto":
+            wanted = "stage1" if directional and len(shell.indices) >= AUTO_CONDITION_MIN_VOLUMES else "none"
         # a conditioned F needs a second Stage I estimate from n volumes that are not among the first n
-        self.conditioned = s.stage3_condition == "stage1" and len(shell.indices) >= 2 * s.n + 1
-        if s.stage3_condition == "stage1" and not self.conditioned:
+        self.conditioned = wanted == "stage1" and len(shell.indices) >= 2 * s.n + 1
+        if wanted == "stage1" and not self.conditioned:
             run.reporter.log(f"stage3 [{shell.name}]: {len(shell.indices)} volumes, fewer than 2n + 1 = {2 * s.n + 1}: "
                              "F sees the noisy slice only (as in the paper)")
         record = run.record["shells"][shell.name]
