@@ -6,9 +6,9 @@ matched state t* (normalised by sqrt(1 - alpha_bar_t*), mean corrected per Eq. 4
 permutes its pixels (noise shuffle); the target is the raw noisy slice x (J-invariance objective).
 In the paper F sees only the one-channel state and the noise level c = sqrt(alpha_bar).
 
-Conditioned F (``condition="stage1"``, our default): F also sees Stage I's estimate y_bar of the slice as
-a second channel, so that its answer can draw on the neighbouring volumes as well as on the slice
-itself. Built from y_bar too, the training state would hold nothing that y_bar does not, and F would
+Conditioned F (``--stage3-condition stage1``; by default in shells of 30 or more directions): F also
+sees Stage I's estimate y_bar of the slice as a second channel, so that its answer can draw on the
+neighbouring volumes as well as on the slice itself. Built from y_bar too, the training state would hold nothing that y_bar does not, and F would
 learn to copy the condition (Stage I again). So the state is built instead from a second Stage I
 estimate y_b from a disjoint set of neighbours (``ddm2.data.neighbour_table`` ring 1): its error is
 independent of y_bar's, as the noisy slice's is at inference, and F learns to weigh the two.
