@@ -45,8 +45,13 @@ def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, f
         conditioned = record["shells"][shell.name].get("stage3_condition") == "stage1"
         model = UNet(preset_config(record["parameters"]["preset"], in_channels=2 if conditioned else 1,
                                    noise_embedding=True))
-        # a conditioned F's second channel: the run's stored Stage I estimate (what the run recomputes)
-        estimate = np.load(run_dir / "checkpoints" / shell.name / "stage1_estimate.npy").reshape(-1, *slices.shape[2:])
+        condition = None
+        if conditioned:  # F's second channel: the run's stored Stage I estimate (what the run recomputes)
+            estimate = np.load(run_dir / "checkpoints" / shell.name / "stage1_estimate.npy")
+            estimate = estimate.reshape(-1, *slices.shape[2:])
+
+            def condition(items: np.ndarray) -> torch.Tensor:
+                return torch.as_tensor(estimate[items])[:, None]
         checkpoint = torch.load(run_dir / "checkpoints" / shell.name / "stage3.pt", map_location="cpu",
                                 weights_only=False)
         model.load_state_dict(checkpoint["model"])
@@ -54,7 +59,7 @@ def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, f
         flat, _ = denoise_slices(model, slices.reshape(-1, *slices.shape[2:]), states, schedule, sampler=name,
                                  steps=steps, flips=flips, batch_size=64, device=torch.device("cpu"),
                                  randomness=Randomness.seeded(0, torch.device("cpu")),
-                                 condition=(lambda items: torch.as_tensor(estimate[items])[:, None]) if conditioned else None)
+                                 condition=condition)
         seconds += time.monotonic() - started
         restore_shell_volumes(data, flat.reshape(slices.shape), shell, scales)
         slices_done += len(states)

@@ -30,6 +30,7 @@ import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -418,15 +419,21 @@ class ShellJob:
         return UNet(preset_config(self.settings.preset, in_channels=stage1.input_channels(self.settings.n, self.context),
                                   condition_dim=condition_dim))
 
-    def stage1_estimates(self, neighbours, conditions):
-        """(volumes, slice_index) -> Stage I's estimate (B, 1, H, W) from the given neighbour table, by the
-        trained network read back from its checkpoint (a resumed run has no network in memory)."""
-        from ddm2 import stage1, training
+    @cached_property
+    def trained_stage1(self):
+        """Stage I's trained network, read back once from its checkpoint (a resumed run has none in memory)."""
+        from ddm2 import training
 
         phi = self.stage1_network().to(self.device).eval()
         phi.load_state_dict(training.load_checkpoint(self.folder / "stage1.pt", self.device)["model"])
-        return lambda volumes, slice_index: stage1.estimate_batch(phi, self.slices_t, neighbours, conditions,
-                                                                  volumes, slice_index, self.context)
+        return phi
+
+    def stage1_estimates(self, neighbours, conditions):
+        """(volumes, slice_index) -> Stage I's estimate (B, 1, H, W) from the given neighbour table."""
+        from ddm2 import stage1
+
+        return lambda volumes, slice_index: stage1.estimate_batch(self.trained_stage1, self.slices_t, neighbours,
+                                                                  conditions, volumes, slice_index, self.context)
 
     def stage2(self, estimate: np.ndarray) -> np.ndarray:
         """Stage II: the matched state of every slice (V, Z), >= 1; recorded in run.json."""
