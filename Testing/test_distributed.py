@@ -59,6 +59,12 @@ def test_two_ranks_denoise_every_slice_exactly_once(runs):
     assert sorted(by_rank[0] + by_rank[1]) == list(range(8 * 3))
     assert (out / "denoised.nii.gz").is_file() and (out / "fa.nii.gz").is_file()
     assert "[ddm2 rank 1]" in completed.stderr  # rank 1 ran, and logged under its name
+    # both ranks scored their halves of the held-out slices and kept the same Stage I step (else the
+    # summed loss would have left them waiting on each other, or the estimates would not fit together)
+    validation = record["shells"]["b1000"]["stage1_validation"]
+    assert validation["held_out_slices"] == 2 and len(validation["losses"]) == 40
+    for name in ("[ddm2]", "[ddm2 rank 1]"):
+        assert f"{name} stage1 [b1000]: kept step {validation['kept_step']} of 80" in completed.stderr
 
 
 def test_only_rank_zero_speaks_the_progress_protocol(runs):

@@ -75,3 +75,17 @@ def test_three_slices_are_spread_through_the_brain():
     mask = np.zeros((4, 4, 20), dtype=bool)
     mask[:, :, 5:15] = True
     assert choose_slices(mask) == [8, 9, 11]  # 30, 50, 70 % of slices 5..14 (numpy rounds 4.5 to 4)
+
+
+def test_one_step_chains_are_drawn_as_each_slices_distance_from_its_input_against_the_threshold():
+    from matplotlib.figure import Figure
+
+    from ddm2.report import _plot_outliers
+
+    curves = [np.array([0.0, rmse]) for rmse in (0.16, 0.15, 0.17, 0.02)]  # input, then the one step
+    axes = Figure().add_subplot()
+    _plot_outliers(axes, curves, np.array([False, False, False, True]))
+    kept, flagged = (collection.get_offsets() for collection in axes.collections)
+    np.testing.assert_allclose(kept, [[0, 0.16], [1, 0.15], [2, 0.17]])
+    np.testing.assert_allclose(flagged, [[3, 0.02]])
+    np.testing.assert_allclose(axes.lines[0].get_ydata(), 0.25 * 0.155)  # a quarter of the median distance

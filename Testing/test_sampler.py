@@ -65,8 +65,9 @@ def test_ideal_denoiser_recovers_the_clean_slices_with_mixed_states():
         out, curves = denoise_slices(oracle, noisy, states, schedule, sampler=sampler, steps=steps, batch_size=2,
                                      device=torch.device("cpu"), randomness=Randomness.seeded(0, torch.device("cpu")))
         np.testing.assert_allclose(out, clean, atol=1e-6)
-        lengths = [len(c) for c in curves]
-        assert lengths == (states.tolist() if sampler == "ddpm" else [min(10, s) for s in states])
+        lengths = [len(c) for c in curves]  # the input (RMSE 0), then one point per step
+        assert lengths == [1 + (s if sampler == "ddpm" else min(10, s)) for s in states]
+        assert all(c[0] == 0 and c[-1] > 0 for c in curves)
 
 
 class ConditionEcho(nn.Module):

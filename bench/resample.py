@@ -27,16 +27,16 @@ def parse_config(config: str) -> tuple[str, int | None, bool]:
     return name, steps, "flips" in rest
 
 
-def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, float, int]:
+def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, float, list[list[np.ndarray]]]:
     """The run's output re-sampled with ``config`` on every denoised shell; other volumes keep their
-    noisy values. Returns (data, F evaluations per slice at the median state,
-    seconds, slices)."""
+    noisy values. Returns (data, F evaluations per slice at the median state, seconds, per denoised
+    shell the RMSE curves of its slices in ``normalised_shell_slices`` order)."""
     name, steps, flips = parse_config(config)
     record = json.loads((run_dir / "run.json").read_text())
     scales = volume_scales(noisy.data)
     data = noisy.data.copy()
     schedule = DiffusionSchedule()
-    seconds, slices_done, all_states = 0.0, 0, []
+    seconds, curves, all_states = 0.0, [], []
     for shell in group_shells(noisy.bvals):
         if not record["shells"].get(shell.name, {}).get("denoised"):
             continue
@@ -56,23 +56,23 @@ def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, f
                                 weights_only=False)
         model.load_state_dict(checkpoint["model"])
         started = time.monotonic()
-        flat, _ = denoise_slices(model, slices.reshape(-1, *slices.shape[2:]), states, schedule, sampler=name,
+        flat, shell_curves = denoise_slices(model, slices.reshape(-1, *slices.shape[2:]), states, schedule, sampler=name,
                                  steps=steps, flips=flips, batch_size=64, device=torch.device("cpu"),
                                  randomness=Randomness.seeded(0, torch.device("cpu")),
                                  condition=condition)
         seconds += time.monotonic() - started
         restore_shell_volumes(data, flat.reshape(slices.shape), shell, scales)
-        slices_done += len(states)
+        curves.append(shell_curves)
         all_states.append(states)
     median_state = int(np.median(np.concatenate(all_states)))
     evaluations = (median_state if name == "ddpm" else min(steps, median_state)) * (4 if flips else 1)
-    return data, evaluations, seconds, slices_done
+    return data, evaluations, seconds, curves
 
 
 def resample_scores(run_dir: Path, noisy: DWI, truth: DWI, mask: np.ndarray, truth_maps: dict,
                     config: str) -> dict:
     """``score_against_truth`` of the run re-sampled with ``config``, plus ``evaluations`` (F evaluations per
     slice at the median state) and ``seconds_per_slice``."""
-    data, evaluations, seconds, n_slices = resample(run_dir, noisy, config)
+    data, evaluations, seconds, curves = resample(run_dir, noisy, config)
     return {**score_against_truth(data, truth.data, truth.bvals, truth.bvecs_voxel(), mask, truth_maps),
-            "evaluations": evaluations, "seconds_per_slice": seconds / n_slices}
+            "evaluations": evaluations, "seconds_per_slice": seconds / sum(map(len, curves))}

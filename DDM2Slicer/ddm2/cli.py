@@ -37,6 +37,9 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--context-slices", type=int, choices=[0, 1], default=1,
                        help="directional method: Stage I also sees slices z-1 and z+1 of the neighbours and "
                             "of the target volume (default 1; 0: the paper's single slice)")
+    group.add_argument("--stage1-holdout", type=_share, default=0.1,
+                       help="share of each shell's slices Stage I does not train on; its loss on them picks the "
+                            "training step to keep (default 0.1; 0: every slice, the last step, as the paper)")
     group.add_argument("--stage3-condition", choices=STAGE3_CONDITIONS, default="auto",
                        help="stage1: Stage III's network also sees Stage I's estimate of the slice (a shell needs "
                             "2n + 1 volumes); none: only the noisy slice, as in the paper (default auto: stage1 for "
@@ -62,11 +65,20 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
 
 
+def _share(text: str) -> float:
+    """A fraction in [0, 1), for argparse."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in [0, 1): give e.g. 0.1, or 0 to hold nothing out")
+    return value
+
+
 def _settings(args: argparse.Namespace, **extra):
     from ddm2.pipeline import Settings
 
     return Settings(n=args.n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, preset=args.preset,
                     seed=args.seed, method=args.method, context_slices=args.context_slices,
+                    stage1_holdout=args.stage1_holdout,
                     stage3_condition=args.stage3_condition, batch_size=args.batch_size,
                     learning_rate=args.learning_rate, sampler=args.sampler, sampling_steps=args.sampling_steps,
                     flips=args.flips, checkpoint_every=args.checkpoint_every,
@@ -89,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--snr", type=float, default=10.0, help="phantom SNR (default 10)")
     demo.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
-    # CPU-sized: step counts that finish in minutes on two cores, and the fast sampler with 5 steps, which
-    # scored best on the demo's phantom (bench/RESULTS.md, "Quality against network evaluations")
-    _add_training(demo, stage1_steps=800, stage3_steps=800, sampler="ddim", sampling_steps=5)
+    # CPU-sized: step counts that finish in minutes on two cores, and one ddim step (F's prediction of the
+    # clean slice from t*), which scored best on PSNR on every bench case (bench/RESULTS.md)
+    _add_training(demo, stage1_steps=800, stage3_steps=800, sampler="ddim", sampling_steps=1)
 
     phantom = commands.add_parser("phantom", help="write the synthetic phantom (noisy and truth) as NIfTI")
     phantom.add_argument("--out", required=True, help="folder for noisy.nii.gz, truth.nii.gz and their bval/bvec")

@@ -99,6 +99,15 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def sum_all(value: float) -> float:
+    """The sum of every rank's ``value``, on every rank."""
+    if not active():
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=_communication_device())
+    dist.all_reduce(total)
+    return float(total.item())
+
+
 def gather_rows(rows: np.ndarray, items: np.ndarray, total: int, *,
                 to_all: bool) -> tuple[np.ndarray | None, list[np.ndarray] | None]:
     """Assemble the (total, ...) array whose rows ``items`` this rank computed as ``rows``.

@@ -18,6 +18,7 @@ B0_THRESHOLD = 50.0  # s/mm^2, the same rule as ddm2.dwi: volumes at or below ar
 CC_THRESHOLD = (0.6, 1.0, 0.0, 0.1, 0.0, 0.1)  # colour-FA bounds (R min, R max, G ..., B ...): "very red"
 NOISE_DILATION_ITERATIONS = 10
 DENOISED_EPSILON = 1e-7  # the DDM2 notebook's guard for a denoiser that flattens the background
+FLAT_CURVE_FRACTION = 0.25  # appendix F check: a rise below this share of the median rise is flat
 
 
 class EmptyRegionError(ValueError):
@@ -403,13 +404,14 @@ def curve_rises(curves: list[np.ndarray]) -> np.ndarray:
     return np.asarray(rises, dtype=np.float64)
 
 
-def flag_flat_curves(curves: list[np.ndarray], fraction: float = 0.25) -> np.ndarray:
+def flag_flat_curves(curves: list[np.ndarray], fraction: float = FLAT_CURVE_FRACTION) -> np.ndarray:
     """Flag the slices whose RMSE curve along the reverse chain stays flat (DDM2 paper, appendix F).
 
     Parameters
     ----------
     curves : one 1-D array per slice: the RMSE between the initial noisy input and each intermediate
-        estimate of the reverse chain, in chain order. Lengths may differ (each slice has its own matched
+        estimate of the reverse chain, in chain order, led by the input itself (0), as
+        ``ddm2.sampler.denoise_slices`` returns them. Lengths may differ (each slice has its own matched
         state t*).
     fraction : a slice is flagged when its rise is below ``fraction`` times the median rise of all slices.
 
@@ -419,9 +421,11 @@ def flag_flat_curves(curves: list[np.ndarray], fraction: float = 0.25) -> np.nda
 
     Notes
     -----
-    The rise of a curve is its last value minus its first. On a slice the model denoises, the estimate
-    moves away from the noisy input as the chain runs, so the RMSE grows; on a failed slice the chain
-    hardly changes the input and the curve stays flat. The rule is relative to the median so that it
+    The rise of a curve is its last value minus its first: with the input leading, how far the chain
+    moved the slice from the noisy input, which is the paper's measure ("the poorly denoised slice
+    cannot achieve as high RMSE value") and works for a one-step chain too. On a slice the model
+    denoises, the estimate moves away from the noisy input as the chain runs, so the RMSE grows; on a
+    failed slice the chain hardly changes the input and the curve stays flat. The rule is relative to the median so that it
     does not depend on the intensity scale or the noise level. When the median rise is not positive,
     the typical slice is itself flat, there is no reference, and every slice is flagged: the whole run
     needs a look, not a few slices.

@@ -2,8 +2,10 @@
 
 Run directory layout::
 
-    run.json                      parameters, versions, device, timings, matched states, outputs, status
-    checkpoints/<shell>/stage1.pt       Stage I model + optimiser + random state (every K steps)
+    run.json                      parameters, versions, device, timings, matched states, Stage I's
+                                  held-out losses and kept step, outputs, status
+    checkpoints/<shell>/stage1.pt       Stage I model + optimiser + random state + the best step's weights
+                                        so far (every K steps)
     checkpoints/<shell>/stage1_estimate.npy   Stage I's estimate of every slice (computed once)
     checkpoints/<shell>/states.npy      Stage II's matched state of every slice
     checkpoints/<shell>/stage3.pt       Stage III model + optimiser + random state
@@ -48,6 +50,8 @@ STAGE3_CONDITIONS = ("auto", "stage1", "none")
 # "auto" conditions F on Stage I (directional method only) in shells of at least this many volumes: it
 # helped with 30 and 55 directions and did not with 6, where at SNR 20 it lost 1.5 dB (bench/RESULTS.md)
 AUTO_CONDITION_MIN_VOLUMES = 30
+# Stage I's held-out loss is measured this many times along its training (about 2 % more compute)
+VALIDATIONS_PER_TRAINING = 40
 PRESET_TRAINING = {  # batch size and learning rate of each network preset
     "paper": {"batch_size": 32, "learning_rate": 1e-4},
     "small": {"batch_size": 8, "learning_rate": 1e-3},
@@ -65,6 +69,9 @@ class Settings:
     seed: int = 0
     method: str = "directional"  # "paper": adjacent neighbours, no gradient information, no context
     context_slices: int = 1  # Stage I's through-plane context K (directional method only)
+    # share of each shell's slices Stage I is not trained on: its loss on them picks the training step
+    # to keep (early stopping); 0 trains on every slice and keeps the last step, as the paper
+    stage1_holdout: float = 0.1
     stage3_condition: str = "auto"  # "stage1": F also sees Stage I's estimate (ddm2.stage3); "none": the paper's F
     # "auto": stage1 for directional shells of AUTO_CONDITION_MIN_VOLUMES or more, none otherwise
     batch_size: int = 0  # 0: the preset's
@@ -90,7 +97,8 @@ class Settings:
     @classmethod
     def from_dict(cls, values: dict) -> "Settings":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        # runs recorded before Stage I held slices out trained on every slice
+        return cls(**{"stage1_holdout": 0.0, **{k: v for k, v in values.items() if k in known}})
 
 
 @dataclass
@@ -308,21 +316,21 @@ class Run:
         return RunResult(denoised, stage1_dwi, outputs, self.record, curves, flags, maps)
 
     def flag_outliers(self, results: list[ShellResult]) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """Appendix F: flag slices whose RMSE curve stays flat; recorded per shell as (volume, slice)."""
+        """Appendix F: flag slices whose RMSE curve stays flat; recorded per shell as (volume, slice).
+
+        Each shell is judged against its own median: in normalised units a b = 0 slice carries less noise
+        than a b = 1000 one, so the chain rightly moves it less."""
         from ddm2.metrics import flag_flat_curves
 
         curves = [curve for result in results for curve in result.curves]
         if not curves:
             return curves, None
-        flags = flag_flat_curves(curves)
-        offset = 0
-        for result in results:
-            n_slices = result.denoised.shape[1]
-            flagged = np.flatnonzero(flags[offset:offset + len(result.curves)])
-            offset += len(result.curves)
+        shell_flags = [flag_flat_curves(result.curves) for result in results]
+        for result, flags in zip(results, shell_flags):
+            n_slices = result.denoised.shape[1] if result.curves else 0
             self.record["shells"][result.shell.name]["outlier_slices"] = [
-                [int(result.shell.indices[i // n_slices]), int(i % n_slices)] for i in flagged]
-        return curves, flags
+                [int(result.shell.indices[i // n_slices]), int(i % n_slices)] for i in np.flatnonzero(flags)]
+        return curves, np.concatenate(shell_flags)
 
 
 class ShellJob:
@@ -377,14 +385,14 @@ class ShellJob:
         start = sum(weights[k] for k in order[:order.index(stage)])
         self.run.reporter.begin(stage, self.shell.name, self.base + self.span * start, self.span * weights[stage])
 
-    def train(self, model, batch_loss, stage: str, steps: int, seed_offset: int) -> None:
+    def train(self, model, batch_loss, stage: str, steps: int, seed_offset: int, validation=None) -> None:
         from ddm2 import training
 
         training.train(model, batch_loss, steps=steps, learning_rate=self.settings.learning_rate,
                        checkpoint_path=self.folder / f"{stage}.pt", checkpoint_every=self.settings.checkpoint_every,
                        randomness=training.Randomness.seeded(self.settings.seed + seed_offset + self.rank, self.device),
                        reporter=self.run.reporter, cancel=self.run.cancel, stage=stage, shell=self.shell.name,
-                       device=self.device)
+                       device=self.device, validation=validation)
 
     def stage1(self) -> np.ndarray:
         """Stage I's estimate of every slice (V, Z, H, W): trained and computed once, then read back."""
@@ -397,8 +405,26 @@ class ShellJob:
         started = time.monotonic()
         s = self.settings
         phi = training.prepare_model(self.stage1_network(), self.device, s.compile_network)
-        self.train(phi, stage1.stage1_batch_loss(phi, self.batches, self.neighbours_t, self.conditions_t,
-                                                 self.context), "stage1", s.stage1_steps, 0)
+        held_out = stage1.held_out_items(self.n_items, s.stage1_holdout, s.seed)
+
+        def held_out_loss() -> float:  # each rank scores its share of the held-out slices; all get the mean
+            mine = distributed.shard(held_out)
+            return distributed.sum_all(stage1.squared_error_sum(
+                training.unwrap(phi), self.slices_t, self.neighbours_t, self.conditions_t, mine, s.inference_batch,
+                self.context)) / held_out.size
+
+        validation = None
+        if held_out.size:
+            validation = training.Validation(held_out_loss, every=max(1, s.stage1_steps // VALIDATIONS_PER_TRAINING))
+        batches = stage1.SliceSampler(self.slices_t, s.batch_size, np.setdiff1d(np.arange(self.n_items), held_out))
+        self.train(phi, stage1.stage1_batch_loss(phi, batches, self.neighbours_t, self.conditions_t, self.context),
+                   "stage1", s.stage1_steps, 0, validation)
+        if validation is not None:
+            self.run.record["shells"][self.shell.name]["stage1_validation"] = {
+                "held_out_slices": int(held_out.size), "kept_step": validation.best_step,
+                "losses": [[step, loss] for step, loss in validation.history]}
+            self.run.reporter.log(f"stage1 [{self.shell.name}]: kept step {validation.best_step} of {s.stage1_steps} "
+                                  f"(lowest loss on {held_out.size} held-out slices)")
         items = distributed.shard(np.arange(self.n_items))
         rows = stage1.predict(training.unwrap(phi), self.slices_t, self.neighbours_t, self.conditions_t,
                               s.inference_batch, self.context, items)
@@ -635,17 +661,21 @@ def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, rep
             raise InputError(f"{input_path} is not the input of the run in {run_dir}: give the same input "
                              "to --resume, or start a new run in another --out")
         stored = Settings.from_dict(record["parameters"])
-        if stored.n != settings.n:
-            reporter.log("resuming with the stored settings of the run (command-line settings ignored)")
-        settings = stored
     else:
         if record_path.exists():
             raise InputError(f"{run_dir} already holds a run: pass --resume to continue it, or choose "
                              "another --out")
-        record = {}
+        record, stored = {}, None
 
     torch_device = distributed.rank_device(resolve_device(device, reporter))
     settings = settings.resolved(torch_device.type)
+    if stored is not None:
+        changed = [f"{name} {value} (the run's: {getattr(stored, name)})"
+                   for name, value in asdict(settings).items() if getattr(stored, name) != value]
+        if changed:  # a resumed run keeps what it was trained and sampled with; say what that leaves out
+            reporter.log(f"resuming with the run's own settings; not applied: {', '.join(changed)}. "
+                         "Start a new run in another --out to use them")
+        settings = stored
     import torch
 
     torch.manual_seed(settings.seed)

@@ -221,6 +221,9 @@ def _plot_outliers(axes, curves: list, flags) -> None:
     from matplotlib.ticker import MaxNLocator
 
     flags = np.zeros(len(curves), dtype=bool) if flags is None else np.asarray(flags, dtype=bool)
+    if max(len(curve) for curve in curves) <= 2:
+        _plot_outlier_distances(axes, curves, flags)
+        return
     for curve, flagged in sorted(zip(curves, flags), key=lambda item: item[1]):  # flagged drawn on top
         curve = np.asarray(curve, dtype=np.float64)
         axes.plot(np.arange(curve.size), curve, color=PALETTE["flag"] if flagged else PALETTE["curve"],
@@ -230,6 +233,23 @@ def _plot_outliers(axes, curves: list, flags) -> None:
     axes.legend(fontsize=7.5, frameon=False)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers (a 5-step chain too)
     _style(axes, "outlier check: RMSE(input, estimate) along the reverse chain", "reverse step", "RMSE")
+
+
+def _plot_outlier_distances(axes, curves: list, flags: np.ndarray) -> None:
+    """One-step chains: each curve is the input and one estimate, so a line per slice says nothing; plot
+    how far the step moved each slice from its input, against the flagging threshold."""
+    from ddm2.metrics import FLAT_CURVE_FRACTION, curve_rises
+
+    rises = curve_rises(curves)
+    index = np.arange(len(rises))
+    axes.scatter(index[~flags], rises[~flags], s=5, color=PALETTE["curve"], label=f"{int((~flags).sum())} slices")
+    axes.scatter(index[flags], rises[flags], s=14, color=PALETTE["flag"], label=f"{int(flags.sum())} flagged flat")
+    axes.axhline(FLAT_CURVE_FRACTION * float(np.median(rises)), color=PALETTE["mark"], linestyle="--", linewidth=1,
+                 label=f"flagged below {FLAT_CURVE_FRACTION:.0%} of the median")
+    axes.set_ylim(bottom=0)
+    axes.legend(fontsize=7.5, frameon=False)
+    _style(axes, "outlier check: RMSE(input, estimate) after the one reverse step",
+           "slice (shell by shell, volume by volume)", "RMSE")
 
 
 # -------------------------------------------------------------------------------------------- HTML

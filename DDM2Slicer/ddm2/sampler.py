@@ -95,7 +95,8 @@ def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, sche
     Returns
     -------
     denoised : (len(items), H, W) float32.
-    rmse_curves : per denoised slice, the RMSE between the input and the state after each step (appendix F).
+    rmse_curves : per denoised slice, the RMSE between the input and the state after each step (appendix F),
+        led by 0 for the input itself, so that a one-step chain's curve shows how far the step moved.
     """
     model.eval()
     items = np.arange(len(noisy)) if items is None else np.asarray(items)
@@ -115,7 +116,7 @@ def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, sche
         current = initial.clone()
         extra = condition(items[batch]) if condition is not None else None
         clean = initial.clone()
-        batch_curves = [[] for _ in batch]
+        batch_curves = [[0.0] for _ in batch]
         for j in range(sequences.shape[1] - 1):
             k, k_next = sequences[:, j], sequences[:, j + 1]
             active = torch.nonzero(k != k_next).flatten()

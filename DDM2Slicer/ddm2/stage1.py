@@ -25,17 +25,48 @@ from ddm2.training import Randomness, autocast
 
 
 class SliceSampler:
-    """Draws random (volume, slice) training samples of one shell, flipped jointly at random."""
+    """Draws random (volume, slice) training samples of one shell, flipped jointly at random; from
+    every slice, or only from ``items`` (flat indices volume * Z + slice)."""
 
-    def __init__(self, slices: torch.Tensor, batch_size: int) -> None:
+    def __init__(self, slices: torch.Tensor, batch_size: int, items: np.ndarray | None = None) -> None:
         self.slices = slices  # (V, Z, H, W) on the compute device
         self.batch_size = batch_size
+        self.items = None if items is None else torch.as_tensor(items, dtype=torch.int64)
 
     def draw(self, randomness: Randomness) -> tuple[torch.Tensor, torch.Tensor]:
         n_volumes, n_slices = self.slices.shape[:2]
-        index = torch.randint(0, n_volumes * n_slices, (self.batch_size,), generator=randomness.cpu)
+        count = n_volumes * n_slices if self.items is None else len(self.items)
+        index = torch.randint(0, count, (self.batch_size,), generator=randomness.cpu)
+        if self.items is not None:
+            index = self.items[index]
         volumes, slice_index = index // n_slices, index % n_slices
         return volumes.to(self.slices.device), slice_index.to(self.slices.device)
+
+
+def held_out_items(n_items: int, share: float, seed: int) -> np.ndarray:
+    """A fixed random ``share`` of the flat slice indices (at least one when ``share`` > 0), sorted.
+
+    Stage I is never trained to output these slices, so its error on them, against their noisy
+    values, is its error against the clean signal plus the noise variance (the noise is independent of
+    its input): a held-out loss that rises when the network starts to learn its targets' noise."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the held-out share must be in [0, 1); got {share}")
+    count = min(max(1, round(share * n_items)), n_items - 1) if share > 0 else 0
+    return np.sort(np.random.default_rng(seed).permutation(n_items)[:count])
+
+
+def squared_error_sum(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor,
+                      conditions: torch.Tensor | None, items: np.ndarray, batch_size: int, context: int = 0) -> float:
+    """Sum over the slices ``items`` of the mean squared error of Stage I's estimate against the noisy
+    slice (0 for no items); divided by the number of slices, the held-out loss."""
+    n_slices = slices.shape[1]
+    total = 0.0
+    for start in range(0, len(items), batch_size):
+        batch = torch.as_tensor(items[start:start + batch_size], device=slices.device)
+        volumes, slice_index = batch // n_slices, batch % n_slices
+        estimate = estimate_batch(model, slices, neighbours, conditions, volumes, slice_index, context)
+        total += float(torch.sum(torch.mean((estimate[:, 0] - slices[volumes, slice_index]) ** 2, dim=(1, 2))))
+    return total
 
 
 def random_flips(tensors: list[torch.Tensor], randomness: Randomness) -> list[torch.Tensor]:

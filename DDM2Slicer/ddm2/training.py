@@ -8,7 +8,8 @@ state of every rank, and every rank resumes from it."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -83,15 +84,48 @@ def restore_randomness(randomness: Randomness, by_rank: list[dict], checkpoint_p
     randomness.restore(by_rank[distributed.rank()])
 
 
+@dataclass
+class Validation:
+    """Early stopping on a held-out loss: ``train`` evaluates ``loss`` (model in eval mode) every
+    ``every`` steps and at the last one, and ends with the weights of the step where it was lowest."""
+
+    loss: Callable[[], float]
+    every: int
+    history: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int = 0
+    best_loss: float = math.inf
+    best_model: dict | None = None
+
+    def evaluate(self, model: nn.Module, step: int) -> None:
+        model.eval()
+        loss = float(self.loss())
+        model.train()
+        self.history.append((step, loss))
+        if loss < self.best_loss:
+            self.best_step, self.best_loss = step, loss
+            self.best_model = {name: value.detach().clone() for name, value in unwrap(model).state_dict().items()}
+
+    def state(self) -> dict:
+        return {"history": self.history, "best_step": self.best_step, "best_loss": self.best_loss,
+                "best_model": self.best_model}
+
+    def restore(self, state: dict) -> None:
+        self.history = [tuple(entry) for entry in state["history"]]
+        self.best_step, self.best_loss, self.best_model = state["best_step"], state["best_loss"], state["best_model"]
+
+
 def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *, steps: int,
           learning_rate: float, checkpoint_path: Path, checkpoint_every: int, randomness: Randomness,
-          reporter: Reporter, cancel: CancelToken, stage: str, shell: str, device: torch.device) -> list[float]:
+          reporter: Reporter, cancel: CancelToken, stage: str, shell: str, device: torch.device,
+          validation: Validation | None = None) -> list[float]:
     """Minimise ``batch_loss`` for ``steps`` steps, resuming from ``checkpoint_path`` if it exists.
 
-    The checkpoint holds the model, optimiser, scheduler, step and random states, so a resumed run
-    draws the same batches as an uninterrupted one. Raises ``Cancelled`` (after checkpointing) when a
-    cancel is requested; under torchrun the ranks decide it together (``cancel``'s agreement), so all
-    stop at the same step. Returns the loss of every step run in this call.
+    The checkpoint holds the model, optimiser, scheduler, step and random states (and the validation's
+    record), so a resumed run draws the same batches as an uninterrupted one. Raises ``Cancelled``
+    (after checkpointing) when a cancel is requested; under torchrun the ranks decide it together
+    (``cancel``'s agreement), so all stop at the same step. With a ``validation``, the model ends with
+    its weights of the validated step of lowest held-out loss. Returns the loss of every step run in
+    this call.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     # cosine decay to 1% so that short CPU budgets still end on small steps
@@ -105,6 +139,8 @@ def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *,
         scheduler.load_state_dict(state["scheduler"])
         restore_randomness(randomness, state["randomness"], checkpoint_path)
         step = state["step"]
+        if validation is not None and state.get("validation"):
+            validation.restore(state["validation"])
         if step < steps:
             reporter.log(f"{stage} [{shell}]: resuming at step {step} of {steps}")
 
@@ -112,7 +148,8 @@ def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *,
         randomness_by_rank = distributed.gather_objects(randomness.state())  # a collective: every rank
         if distributed.is_main():
             save_checkpoint(checkpoint_path, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), randomness=randomness_by_rank, step=step)
+                            scheduler=scheduler.state_dict(), randomness=randomness_by_rank, step=step,
+                            validation=validation.state() if validation is not None else None)
 
     losses = []
     model.train()
@@ -128,6 +165,8 @@ def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *,
             step += 1
             losses.append(float(loss.detach()))
             reporter.progress(stage, shell, step, steps, loss=losses[-1])
+            if validation is not None and (step % validation.every == 0 or step == steps):
+                validation.evaluate(model, step)
             if step % checkpoint_every == 0 or step == steps:
                 checkpoint()
     except Cancelled:
@@ -137,5 +176,7 @@ def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *,
         if not distributed.active():  # other ranks may be inside a collective: the last periodic one stands
             checkpoint()  # interrupted or failed: keep what was learned
         raise
+    if validation is not None and validation.best_model is not None:
+        unwrap(model).load_state_dict(validation.best_model)
     model.eval()
     return losses
