@@ -34,9 +34,13 @@ def slice_gains(noisy: np.ndarray, denoised: np.ndarray, truth: np.ndarray, shel
         if shell.name not in shell_names:
             continue
         before, after, clean = (normalised_shell_slices(data, shell, scales) for data in (noisy, denoised, truth))
-        rmse = lambda estimate: np.sqrt(((estimate - clean) ** 2).mean(axis=(2, 3))).reshape(-1)  # noqa: E731
-        gains.append(rmse(before) - rmse(after))
+        gains.append(slice_rmse(before, clean) - slice_rmse(after, clean))
     return np.concatenate(gains)
+
+
+def slice_rmse(estimate: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """(V * Z,) RMSE of every slice of (V, Z, H, W) arrays."""
+    return np.sqrt(((estimate - clean) ** 2).mean(axis=(2, 3))).reshape(-1)
 
 
 def main() -> None:

@@ -425,8 +425,8 @@ def flag_flat_curves(curves: list[np.ndarray], fraction: float = FLAT_CURVE_FRAC
     moved the slice from the noisy input, which is the paper's measure ("the poorly denoised slice
     cannot achieve as high RMSE value") and works for a one-step chain too. On a slice the model
     denoises, the estimate moves away from the noisy input as the chain runs, so the RMSE grows; on a
-    failed slice the chain hardly changes the input and the curve stays flat. The rule is relative to the median so that it
-    does not depend on the intensity scale or the noise level. When the median rise is not positive,
+    failed slice the chain hardly changes the input and the curve stays flat. The rule is relative to
+    the median so that it does not depend on the intensity scale or the noise level. When the median rise is not positive,
     the typical slice is itself flat, there is no reference, and every slice is flagged: the whole run
     needs a look, not a few slices.
     """
