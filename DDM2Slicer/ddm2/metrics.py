@@ -426,9 +426,9 @@ def flag_flat_curves(curves: list[np.ndarray], fraction: float = FLAT_CURVE_FRAC
     cannot achieve as high RMSE value") and works for a one-step chain too. On a slice the model
     denoises, the estimate moves away from the noisy input as the chain runs, so the RMSE grows; on a
     failed slice the chain hardly changes the input and the curve stays flat. The rule is relative to
-    the median so that it does not depend on the intensity scale or the noise level. When the median rise is not positive,
-    the typical slice is itself flat, there is no reference, and every slice is flagged: the whole run
-    needs a look, not a few slices.
+    the median so that it does not depend on the intensity scale or the noise level. When the median
+    rise is not positive, the typical slice is itself flat, there is no reference, and every slice is
+    flagged: the whole run needs a look, not a few slices.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1); got {fraction}")
