@@ -106,3 +106,5 @@ def test_training_ends_on_the_weights_of_the_lowest_held_out_loss_and_resumes_th
     run(20, resumed)  # resumed from step 10's checkpoint (with its validation record), validated at 15, 20
     assert resumed.history == [(5, 3.0), (10, 1.0), (15, 2.0), (20, 4.0)] and resumed.best_step == 10
     assert torch.equal(model.weight, weights[2])  # the weights that scored 1.0, not the last ones
+    # and the checkpoint holds them too (Stage III's condition reads Stage I back from it)
+    assert torch.equal(torch.load(tmp_path / "s1.pt", weights_only=False)["model"]["weight"], weights[2])

@@ -176,7 +176,8 @@ def train(model: nn.Module, batch_loss: Callable[[Randomness], torch.Tensor], *,
         if not distributed.active():  # other ranks may be inside a collective: the last periodic one stands
             checkpoint()  # interrupted or failed: keep what was learned
         raise
-    if validation is not None and validation.best_model is not None:
+    if validation is not None and validation.best_model is not None and validation.best_step != step:
         unwrap(model).load_state_dict(validation.best_model)
+        checkpoint()  # the stored model is the one kept: later stages read it back from the checkpoint
     model.eval()
     return losses
