@@ -266,7 +266,8 @@ class DDM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onMapsFinished(self, nodes: dict | None, result: jobs.JobResult) -> None:
         if nodes:
             self.ui.progressBar.value = 100
-            self.ui.progressBar.format = _("Maps loaded: {names}").format(names=", ".join(node.GetName() for node in nodes.values()))
+            names = ", ".join(node.GetName() for node in nodes.values())
+            self.ui.progressBar.format = _("Maps loaded: {names}").format(names=names)
         else:
             self.ui.progressBar.format = _("Maps failed")
             self.ui.statusLabel.text = result.errorMessage
@@ -473,7 +474,8 @@ class DDM2SlicerLogic(ScriptedLoadableModuleLogic):
     def loadMaps(self, directory: str | os.PathLike, dwiNode) -> dict:
         nodes = {}
         for mapName in scene.MAP_NAMES:
-            node = scene.loadScalarVolume(Path(directory) / f"{mapName}.nii.gz", f"{dwiNode.GetName()} {mapName.upper()}")
+            node = scene.loadScalarVolume(Path(directory) / f"{mapName}.nii.gz",
+                                          f"{dwiNode.GetName()} {mapName.upper()}")
             scene.styleMap(node, mapName)
             nodes[mapName] = node
         return nodes

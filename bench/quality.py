@@ -67,7 +67,8 @@ def markdown_tables(results: Path) -> str:
     for (case, n, method, condition), by_snr in groups.items():
         snrs = sorted(by_snr)
         names = list(dict.fromkeys(name for scores in by_snr.values() for name in scores))
-        lines = [f"**{case}**, n = {n}, {method}, Stage III condition: {condition}", "", "| method | " + " | ".join(f"SNR {snr:g}" for snr in snrs) + " |",
+        lines = [f"**{case}**, n = {n}, {method}, Stage III condition: {condition}", "",
+                 "| method | " + " | ".join(f"SNR {snr:g}" for snr in snrs) + " |",
                  "| --- |" + " --- |" * len(snrs)]
         for name in names:
             cells = []
@@ -97,7 +98,8 @@ def main() -> None:
     parser.add_argument("--stage3-steps", type=int, default=800)
     parser.add_argument("--stage1-holdout", type=float, default=0.1, help="as ddm2's (0: the last Stage I step)")
     parser.add_argument("--stage3-condition", default="stage1", choices=STAGE3_CONDITIONS,
-                        help="stage1 (default here: every case conditioned), none (the paper's F) or auto (ddm2's default)")
+                        help="stage1 (default here: every case conditioned), none (the paper's F) "
+                             "or auto (ddm2's default)")
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--sampling-steps", type=int, default=5)
     parser.add_argument("--extra-samplers", nargs="*", default=[], help="e.g. ddpm ddim:20:flips")

@@ -56,10 +56,11 @@ def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, f
                                 weights_only=False)
         model.load_state_dict(checkpoint["model"])
         started = time.monotonic()
-        flat, shell_curves = denoise_slices(model, slices.reshape(-1, *slices.shape[2:]), states, schedule, sampler=name,
-                                 steps=steps, flips=flips, batch_size=64, device=torch.device("cpu"),
-                                 randomness=Randomness.seeded(0, torch.device("cpu")),
-                                 condition=condition)
+        flat, shell_curves = denoise_slices(model, slices.reshape(-1, *slices.shape[2:]), states, schedule,
+                                            sampler=name, steps=steps, flips=flips, batch_size=64,
+                                            device=torch.device("cpu"),
+                                            randomness=Randomness.seeded(0, torch.device("cpu")),
+                                            condition=condition)
         seconds += time.monotonic() - started
         restore_shell_volumes(data, flat.reshape(slices.shape), shell, scales)
         curves.append(shell_curves)

@@ -28,7 +28,8 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group = parser.add_argument_group("method")
     group.add_argument("--n", type=int, default=2, help="neighbour volumes fed to Stage I (default 2)")
     group.add_argument("--stage1-steps", type=int, default=stage1_steps, help=f"Stage I steps (default {stage1_steps})")
-    group.add_argument("--stage3-steps", type=int, default=stage3_steps, help=f"Stage III steps (default {stage3_steps})")
+    group.add_argument("--stage3-steps", type=int, default=stage3_steps,
+                       help=f"Stage III steps (default {stage3_steps})")
     group.add_argument("--preset", choices=["auto", "paper", "small"], default="auto",
                        help="network size: paper (24 M parameters) or small; auto: paper on CUDA, small on CPU")
     group.add_argument("--method", choices=METHODS, default="directional",

@@ -442,8 +442,8 @@ class ShellJob:
         from ddm2.unet import UNet, preset_config
 
         condition_dim = self.conditions.shape[1] if self.conditions is not None else 0
-        return UNet(preset_config(self.settings.preset, in_channels=stage1.input_channels(self.settings.n, self.context),
-                                  condition_dim=condition_dim))
+        in_channels = stage1.input_channels(self.settings.n, self.context)
+        return UNet(preset_config(self.settings.preset, in_channels=in_channels, condition_dim=condition_dim))
 
     @cached_property
     def trained_stage1(self):

@@ -78,7 +78,8 @@ def reverse_step(state: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor,
 
 @torch.no_grad()
 def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, schedule: DiffusionSchedule, *,
-                   items: np.ndarray | None = None, sampler: str = "ddpm", steps: int | None = None, flips: bool = False, batch_size: int = 64,
+                   items: np.ndarray | None = None, sampler: str = "ddpm", steps: int | None = None,
+                   flips: bool = False, batch_size: int = 64,
                    device: torch.device, randomness: Randomness,
                    condition: Callable[[np.ndarray], torch.Tensor] | None = None,
                    on_batch: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
