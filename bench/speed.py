@@ -80,8 +80,9 @@ def hardi_table() -> tuple[np.ndarray, np.ndarray]:
 
 def training_rates(slices: torch.Tensor, truth_slices: torch.Tensor, states: torch.Tensor, bvecs: np.ndarray,
                    bvals: np.ndarray, args, device: torch.device) -> dict[str, float]:
-    """Steps per second of Stage I (directional, n = 2, context 1) and Stage III (conditioned F, the
-    default: every step also runs Stage I's network on the second neighbour set)."""
+    """Steps per second of Stage I (directional, n = 2, context 1), Stage III's conditioned F (the
+    default from 30 directions: every step also runs Stage I's network on the second neighbour set) and
+    the paper's one-channel F."""
     batch = PRESET_TRAINING[args.preset]["batch_size"]
     sampler = stage1.SliceSampler(slices, batch)
     tables = [neighbour_table(bvecs, 2, "angular", ring) for ring in (0, 1)]
@@ -90,15 +91,18 @@ def training_rates(slices: torch.Tensor, truth_slices: torch.Tensor, states: tor
         for table in tables]
     phi = training.prepare_model(UNet(preset_config(args.preset, in_channels=stage1.input_channels(2, 1),
                                                     condition_dim=conditions.shape[1])), device, args.compile)
-    denoiser = training.prepare_model(UNet(preset_config(args.preset, in_channels=2, noise_embedding=True)),
-                                      device, args.compile)
+    denoiser, paper_denoiser = [training.prepare_model(UNet(preset_config(args.preset, in_channels=channels,
+                                                                          noise_embedding=True)), device, args.compile)
+                                for channels in (2, 1)]
 
     def independent_estimate(volumes, slice_index):
         return stage1.estimate_batch(phi, slices, second, second_conditions, volumes, slice_index, 1)
 
     losses = {"stage1": (phi, stage1.stage1_batch_loss(phi, sampler, neighbours, conditions, 1)),
               "stage3": (denoiser, stage3.stage3_batch_loss(denoiser, sampler, truth_slices, states,
-                                                            DiffusionSchedule(), independent_estimate))}
+                                                            DiffusionSchedule(), independent_estimate)),
+              "stage3_paper": (paper_denoiser, stage3.stage3_batch_loss(paper_denoiser, sampler, truth_slices, states,
+                                                                        DiffusionSchedule()))}
     rates = {}
     with tempfile.TemporaryDirectory() as folder:
         for stage, (model, batch_loss) in losses.items():
@@ -258,7 +262,8 @@ def memory_check(args) -> dict:
     baseline = engine_baseline_rss("small", args.tiny_network)
     result = whole_pipeline(input_path, args.out / "run", args,
                             ["--device", "cpu", "--preset", "small", "--stage1-steps", "1", "--stage3-steps", "1",
-                             "--sampler", "ddim", "--sampling-steps", "1"] + (["--tiny-network"] if args.tiny_network else []))
+                             "--sampler", "ddim", "--sampling-steps", "1",
+                             *(["--tiny-network"] if args.tiny_network else [])])
     figures = {"input": {"shape": [128, 128, 64, 193], "gb_float32": round(128 * 128 * 64 * 193 * 4 / 2 ** 30, 2)},
                "tiny_network": args.tiny_network, "engine_and_networks_rss_gb": round(baseline, 2), "pipeline": result,
                "peak_beyond_engine_gb": round(result["peak_rss_gb"] - baseline, 2),
@@ -286,7 +291,8 @@ def activation_peak_gb(height: int, width: int, batch: int) -> float:
 def print_table(figures: dict) -> None:
     training_figures = figures["training"]
     print(f"Stage I {training_figures['stage1_steps_per_s']:.2f} steps/s, "
-          f"Stage III {training_figures['stage3_steps_per_s']:.2f} steps/s")
+          f"Stage III {training_figures['stage3_steps_per_s']:.2f} steps/s (conditioned F), "
+          f"{training_figures['stage3_paper_steps_per_s']:.2f} steps/s (the paper's F)")
     print("sampler  chain steps  flips  batch  s/slice")
     for row in figures["inference"]:
         print(f"{row['sampler']:7}  {row['chain_steps']:11}  {str(row['flips']):5}  {row['batch']:5}  "
