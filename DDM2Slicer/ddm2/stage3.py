@@ -8,14 +8,17 @@ In the paper F sees only the one-channel state and the noise level c = sqrt(alph
 
 Conditioned F (``--stage3-condition stage1``; by default in shells of 30 or more directions): F also
 sees Stage I's estimate y_bar of the slice as a second channel, so that its answer can draw on the
-neighbouring volumes as well as on the slice itself. Built from y_bar too, the training state would hold nothing that y_bar does not, and F would
-learn to copy the condition (Stage I again). So the state is built instead from a second Stage I
-estimate y_b from a disjoint set of neighbours (``ddm2.data.neighbour_table`` ring 1): its error is
-independent of y_bar's, as the noisy slice's is at inference, and F learns to weigh the two.
+neighbouring volumes as well as on the slice itself. Built from y_bar too, the training state would
+hold nothing that y_bar does not, and F would learn to copy the condition (Stage I again). So the
+state is built instead from a second Stage I estimate y_b from a disjoint set of neighbours
+(``ddm2.data.neighbour_table`` ring 1): the noise of its inputs is independent of y_bar's, as the
+noisy slice's is at inference, and F learns to weigh the two. (Stage I's own bias, which dominates
+its error, is shared by both estimates; bench/RESULTS.md measures it.)
 
 Our choice where the authors' code and the paper leave it open: the training state t of each sample
 is drawn from 1..t* of that slice (the states inference visits), not from the whole chain; the
-continuous level c is uniform between the chain values of t - 1 and t, as in SR3.
+continuous level c is uniform between the chain values of t - 1 and t, as in SR3. Measured against
+the whole chain and against t* alone, 1..t* scored best (bench/RESULTS.md, fourth session).
 """
 
 from __future__ import annotations

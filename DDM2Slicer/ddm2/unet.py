@@ -58,7 +58,12 @@ def preset_config(preset: str, **fields) -> UNetConfig:
 
 
 def sinusoidal_embedding(level: torch.Tensor, dim: int = NOISE_EMBEDDING_DIM) -> torch.Tensor:
-    """WaveGrad's embedding of a continuous noise level in [0, 1] (no x1000 scaling)."""
+    """WaveGrad's embedding of a continuous noise level in [0, 1] (no x1000 scaling), as the authors'.
+
+    Under the reverse warm-up schedule the states inference starts from (t* of a few hundred) have
+    levels between 0.98 and 1, which these sines barely tell apart, so F in effect judges the noise
+    from the image. Embedding the noise std x 1000 instead lets F see the level but scored no better
+    (bench/RESULTS.md, fourth session), so the authors' embedding stays."""
     half = dim // 2
     frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=level.device, dtype=torch.float32) / half)
     angles = level.float().reshape(-1, 1) * frequencies[None, :]
