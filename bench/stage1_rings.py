@@ -49,15 +49,16 @@ def main() -> None:
         slices = normalised_shell_slices(noisy.data, shell, scales)
         bvecs, bvals = noisy.bvecs[list(shell.indices)], noisy.bvals[list(shell.indices)]
         context = stage1.usable_context(record["parameters"]["context_slices"], slices.shape[1])
-        phi = UNet(preset_config(preset, in_channels=stage1.input_channels(n, context), condition_dim=6 * (n + 1)))
+        tables = [neighbour_table(bvecs, n, "angular", ring) for ring in range(args.rings)]
+        features = [gradient_features(bvecs, bvals, table) for table in tables]
+        phi = UNet(preset_config(preset, in_channels=stage1.input_channels(n, context),
+                                 condition_dim=features[0].shape[1]))
         phi.load_state_dict(load_checkpoint(args.run_dir / "checkpoints" / shell.name / "stage1.pt",
                                             torch.device("cpu"))["model"])
         total = np.zeros(slices.shape, dtype=np.float64)
-        for ring in range(args.rings):
-            table = neighbour_table(bvecs, n, "angular", ring)
+        for ring, (table, conditions) in enumerate(zip(tables, features)):
             estimate = stage1.predict(phi, torch.as_tensor(slices), torch.as_tensor(table),
-                                      torch.as_tensor(gradient_features(bvecs, bvals, table)), 64,
-                                      context).reshape(slices.shape)
+                                      torch.as_tensor(conditions), 64, context).reshape(slices.shape)
             total += estimate
             restore_shell_volumes(alone[ring], estimate, shell, scales)
             restore_shell_volumes(mean[ring], (total / (ring + 1)).astype(np.float32), shell, scales)
