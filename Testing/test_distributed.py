@@ -65,6 +65,9 @@ def test_two_ranks_denoise_every_slice_exactly_once(runs):
     assert validation["held_out_slices"] == 2 and len(validation["losses"]) == 40
     for name in ("[ddm2]", "[ddm2 rank 1]"):
         assert f"{name} stage1 [b1000]: kept step {validation['kept_step']} of 80" in completed.stderr
+    kept = record["shells"]["b1000"]["stage3_validation"]["kept_step"]  # Stage III too, on the same slices
+    for name in ("[ddm2]", "[ddm2 rank 1]"):
+        assert f"{name} stage3 [b1000]: kept step {kept} of 80" in completed.stderr
 
 
 def test_only_rank_zero_speaks_the_progress_protocol(runs):

@@ -369,9 +369,12 @@ def test_held_out_slices_stop_stage1_before_it_learns_the_noise_of_a_small_scan(
         estimate = nib.load(str(out / "stage1.nii.gz")).get_fdata()[..., weighted][phantom.mask]
         errors[share] = np.sqrt(np.mean((estimate - phantom.truth.data[..., weighted][phantom.mask]) ** 2))
         records[share] = json.loads((out / "run.json").read_text())["shells"]["b1000"]
-    assert "stage1_validation" not in records["0"]
+    assert "stage1_validation" not in records["0"] and "stage3_validation" not in records["0"]
     validation = records["0.2"]["stage1_validation"]
     assert validation["held_out_slices"] == 2 and len(validation["losses"]) == 40
+    # Stage III holds the same slices out (its one step is validated once)
+    assert records["0.2"]["stage3_validation"]["held_out_slices"] == 2
+    assert [step for step, _ in records["0.2"]["stage3_validation"]["losses"]] == [1]
     assert validation["kept_step"] < 400  # the held-out loss rose again before the end
     # measured 64.7 without and 51.9 with held-out slices (noisy: 70.9)
     assert errors["0.2"] < 0.9 * errors["0"], errors

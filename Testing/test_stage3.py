@@ -8,7 +8,7 @@ from torch import nn
 
 from ddm2.schedule import DiffusionSchedule
 from ddm2.stage1 import SliceSampler
-from ddm2.stage3 import stage3_batch_loss
+from ddm2.stage3 import held_out_squared_error_sum, stage3_batch_loss
 from ddm2.training import Randomness
 
 FLIPS = ([], [-1], [-2], [-2, -1])
@@ -65,3 +65,24 @@ def test_the_conditioned_f_sees_stage1s_estimate_beside_a_state_built_from_the_i
         shuffled = (state - c * base) / np.sqrt(1 - c ** 2)  # ... and shuffled into the state
         np.testing.assert_allclose(np.sort(shuffled.flatten().numpy()), np.sort((residual - mean).flatten().numpy()),
                                    atol=1e-4)
+
+
+def test_the_held_out_error_of_f_is_taken_at_the_matched_state_with_the_same_shuffles_at_every_call():
+    noisy, estimate, second, _ = shell()
+    states = torch.as_tensor([[50, 120], [200, 260], [300, 340]])
+    schedule = DiffusionSchedule()
+    items = np.array([1, 2, 5])  # (volume, slice) = (0, 1), (1, 0), (2, 1)
+    zero = Recorder()  # its weight is 0: it predicts zeros
+    total = held_out_squared_error_sum(zero, noisy, estimate, states, schedule, items, 2, seed=0)
+    expected = sum(float(torch.mean(noisy[v, z] ** 2)) for v, z in ((0, 1), (1, 0), (2, 1)))
+    assert np.isclose(total, expected, rtol=1e-6)
+    assert zero.inputs.shape == (1, 1, 8, 8) and np.allclose(zero.levels.numpy(), schedule.sqrt_alpha_bar[340])
+
+    identity = Recorder()  # returns its state: the error depends on the shuffled noise in it
+    with torch.no_grad():
+        identity.weight.fill_(1.0)
+    errors = [held_out_squared_error_sum(identity, noisy, estimate, states, schedule, items, 2, seed=seed,
+                                         independent_estimate=lambda v, z: second[v, z][:, None])
+              for seed in (0, 0, 1)]
+    assert identity.inputs.shape == (1, 2, 8, 8)  # the conditioned F: the state and Stage I's estimate
+    assert errors[0] == errors[1] and errors[0] != errors[2]

@@ -39,8 +39,9 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
                        help="directional method: Stage I also sees slices z-1 and z+1 of the neighbours and "
                             "of the target volume (default 1; 0: the paper's single slice)")
     group.add_argument("--stage1-holdout", type=_share, default=0.1,
-                       help="share of each shell's slices Stage I does not train on; its loss on them picks the "
-                            "training step to keep (default 0.1; 0: every slice, the last step, as the paper)")
+                       help="share of each shell's slices Stage I and Stage III do not train on; each stage's loss "
+                            "on them picks its training step to keep (default 0.1; 0: every slice, the last "
+                            "steps, as the paper)")
     group.add_argument("--stage3-condition", choices=STAGE3_CONDITIONS, default="auto",
                        help="stage1: Stage III's network also sees Stage I's estimate of the slice (a shell needs "
                             "2n + 1 volumes); none: only the noisy slice, as in the paper (default auto: stage1 for "

@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -69,8 +70,9 @@ class Settings:
     seed: int = 0
     method: str = "directional"  # "paper": adjacent neighbours, no gradient information, no context
     context_slices: int = 1  # Stage I's through-plane context K (directional method only)
-    # share of each shell's slices Stage I is not trained on: its loss on them picks the training step
-    # to keep (early stopping); 0 trains on every slice and keeps the last step, as the paper
+    # share of each shell's slices neither Stage I nor Stage III is trained on: each stage's loss on them
+    # picks its training step to keep (early stopping); 0 trains on every slice and keeps the last steps,
+    # as the paper (the name predates Stage III's use of the same slices)
     stage1_holdout: float = 0.1
     stage3_condition: str = "auto"  # "stage1": F also sees Stage I's estimate (ddm2.stage3); "none": the paper's F
     # "auto": stage1 for directional shells of AUTO_CONDITION_MIN_VOLUMES or more, none otherwise
@@ -376,7 +378,10 @@ class ShellJob:
             self.second_neighbours_t = torch.as_tensor(second, device=self.device)
             self.second_conditions_t = torch.as_tensor(gradient_features(bvecs, bvals, second),
                                                        device=self.device) if directional else None
-        self.batches = stage1.SliceSampler(self.slices_t, s.batch_size)
+        # slices neither stage trains on: their loss picks each stage's step to keep (``train``)
+        self.held_out = stage1.held_out_items(self.n_items, s.stage1_holdout, s.seed)
+        self.batches = stage1.SliceSampler(self.slices_t, s.batch_size,
+                                           np.setdiff1d(np.arange(self.n_items), self.held_out))
 
     def begin(self, stage: str) -> None:
         """Tell the reporter which part of the whole run the stage covers."""
@@ -385,14 +390,29 @@ class ShellJob:
         start = sum(weights[k] for k in order[:order.index(stage)])
         self.run.reporter.begin(stage, self.shell.name, self.base + self.span * start, self.span * weights[stage])
 
-    def train(self, model, batch_loss, stage: str, steps: int, seed_offset: int, validation=None) -> None:
+    def train(self, model, batch_loss, stage: str, steps: int, seed_offset: int,
+              held_out_error_sum: Callable[[np.ndarray], float]) -> None:
+        """Train a stage's network; with held-out slices, end on the step of lowest mean
+        ``held_out_error_sum`` (slice indices -> summed error on them), recorded in run.json."""
         from ddm2 import training
 
+        validation = None
+        if self.held_out.size:
+            def held_out_loss() -> float:  # each rank scores its share of the held-out slices; all get the mean
+                return distributed.sum_all(held_out_error_sum(distributed.shard(self.held_out))) / self.held_out.size
+
+            validation = training.Validation(held_out_loss, every=max(1, steps // VALIDATIONS_PER_TRAINING))
         training.train(model, batch_loss, steps=steps, learning_rate=self.settings.learning_rate,
                        checkpoint_path=self.folder / f"{stage}.pt", checkpoint_every=self.settings.checkpoint_every,
                        randomness=training.Randomness.seeded(self.settings.seed + seed_offset + self.rank, self.device),
                        reporter=self.run.reporter, cancel=self.run.cancel, stage=stage, shell=self.shell.name,
                        device=self.device, validation=validation)
+        if validation is not None:
+            self.run.record["shells"][self.shell.name][f"{stage}_validation"] = {
+                "held_out_slices": int(self.held_out.size), "kept_step": validation.best_step,
+                "losses": [[step, loss] for step, loss in validation.history]}
+            self.run.reporter.log(f"{stage} [{self.shell.name}]: kept step {validation.best_step} of {steps} "
+                                  f"(lowest loss on {self.held_out.size} held-out slices)")
 
     def stage1(self) -> np.ndarray:
         """Stage I's estimate of every slice (V, Z, H, W): trained and computed once, then read back."""
@@ -405,26 +425,10 @@ class ShellJob:
         started = time.monotonic()
         s = self.settings
         phi = training.prepare_model(self.stage1_network(), self.device, s.compile_network)
-        held_out = stage1.held_out_items(self.n_items, s.stage1_holdout, s.seed)
-
-        def held_out_loss() -> float:  # each rank scores its share of the held-out slices; all get the mean
-            mine = distributed.shard(held_out)
-            return distributed.sum_all(stage1.squared_error_sum(
-                training.unwrap(phi), self.slices_t, self.neighbours_t, self.conditions_t, mine, s.inference_batch,
-                self.context)) / held_out.size
-
-        validation = None
-        if held_out.size:
-            validation = training.Validation(held_out_loss, every=max(1, s.stage1_steps // VALIDATIONS_PER_TRAINING))
-        batches = stage1.SliceSampler(self.slices_t, s.batch_size, np.setdiff1d(np.arange(self.n_items), held_out))
-        self.train(phi, stage1.stage1_batch_loss(phi, batches, self.neighbours_t, self.conditions_t, self.context),
-                   "stage1", s.stage1_steps, 0, validation)
-        if validation is not None:
-            self.run.record["shells"][self.shell.name]["stage1_validation"] = {
-                "held_out_slices": int(held_out.size), "kept_step": validation.best_step,
-                "losses": [[step, loss] for step, loss in validation.history]}
-            self.run.reporter.log(f"stage1 [{self.shell.name}]: kept step {validation.best_step} of {s.stage1_steps} "
-                                  f"(lowest loss on {held_out.size} held-out slices)")
+        self.train(phi, stage1.stage1_batch_loss(phi, self.batches, self.neighbours_t, self.conditions_t, self.context),
+                   "stage1", s.stage1_steps, 0,
+                   lambda items: stage1.squared_error_sum(training.unwrap(phi), self.slices_t, self.neighbours_t,
+                                                          self.conditions_t, items, s.inference_batch, self.context))
         items = distributed.shard(np.arange(self.n_items))
         rows = stage1.predict(training.unwrap(phi), self.slices_t, self.neighbours_t, self.conditions_t,
                               s.inference_batch, self.context, items)
@@ -506,9 +510,14 @@ class ShellJob:
                                                              noise_embedding=True)),
                                           self.device, self.settings.compile_network)
         second = self.stage1_estimates(self.second_neighbours_t, self.second_conditions_t) if self.conditioned else None
-        loss = stage3.stage3_batch_loss(denoiser, self.batches, torch.as_tensor(estimate, device=self.device),
-                                        torch.as_tensor(states, device=self.device), self.run.schedule, second)
-        self.train(denoiser, loss, "stage3", self.settings.stage3_steps, 1000)
+        estimate_t = torch.as_tensor(estimate, device=self.device)
+        states_t = torch.as_tensor(states, device=self.device)
+        loss = stage3.stage3_batch_loss(denoiser, self.batches, estimate_t, states_t, self.run.schedule, second)
+        s = self.settings
+        self.train(denoiser, loss, "stage3", s.stage3_steps, 1000,
+                   lambda items: stage3.held_out_squared_error_sum(
+                       training.unwrap(denoiser), self.slices_t, estimate_t, states_t, self.run.schedule, items,
+                       s.inference_batch, s.seed + 2000, second))
         self.run.timed(f"stage3_{self.shell.name}", time.monotonic() - started)
         return denoiser
 

@@ -19,18 +19,23 @@ Our choice where the authors' code and the paper leave it open: the training sta
 is drawn from 1..t* of that slice (the states inference visits), not from the whole chain; the
 continuous level c is uniform between the chain values of t - 1 and t, as in SR3. Measured against
 the whole chain and against t* alone, 1..t* scored best (bench/RESULTS.md, fourth session).
+
+Like Stage I, F can learn its targets' noise on a small scan (6 directions: 48 target slices). The
+pipeline holds Stage I's held-out slices out of Stage III as well and keeps the step of lowest
+``held_out_squared_error_sum``.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from ddm2.schedule import DiffusionSchedule
 from ddm2.stage1 import SliceSampler, random_flips
-from ddm2.training import Randomness
+from ddm2.training import Randomness, autocast
 
 
 def shuffle_pixels(noise: torch.Tensor, randomness: Randomness) -> torch.Tensor:
@@ -58,27 +63,71 @@ def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.T
 
     def batch_loss(randomness: Randomness) -> torch.Tensor:
         volumes, slice_index = sampler.draw(randomness)
-        noisy = sampler.slices[volumes, slice_index][:, None]
-        y_bar = estimate[volumes, slice_index][:, None]
-        condition = y_bar
-        if independent_estimate is not None:
-            y_bar = independent_estimate(volumes, slice_index)
-        noisy, y_bar, condition = random_flips([noisy, y_bar, condition], randomness)
-        matched = states[volumes, slice_index]
-        a_m = sqrt_alpha_bar[matched][:, None, None, None]
-        sigma_m = torch.sqrt(1 - a_m ** 2)
-        eps = (noisy - a_m * y_bar) / sigma_m
-        mean = eps.mean(dim=(1, 2, 3), keepdim=True)  # Eq. 4: the residual gets zero mean ...
-        eps = eps - mean
-        y_bar = y_bar + mean * sigma_m / a_m  # ... and y_bar absorbs it, so x = a y_bar + sigma eps holds
+        noisy, y_bar, condition = slice_triplet(sampler.slices, estimate, volumes, slice_index, independent_estimate)
+        if condition is None:
+            noisy, y_bar = random_flips([noisy, y_bar], randomness)
+        else:
+            noisy, y_bar, condition = random_flips([noisy, y_bar, condition], randomness)
+        inputs, level = training_inputs(noisy, y_bar, condition, states[volumes, slice_index], sqrt_alpha_bar,
+                                        randomness)
+        return torch.mean((model(inputs, noise_level=level).float() - noisy) ** 2)
+
+    return batch_loss
+
+
+def slice_triplet(slices: torch.Tensor, estimate: torch.Tensor, volumes: torch.Tensor, slice_index: torch.Tensor,
+                  independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None):
+    """(noisy slice, the estimate its state is built from, F's condition or None), each (B, 1, H, W)."""
+    noisy = slices[volumes, slice_index][:, None]
+    y_bar = estimate[volumes, slice_index][:, None]
+    if independent_estimate is None:
+        return noisy, y_bar, None
+    return noisy, independent_estimate(volumes, slice_index), y_bar
+
+
+def training_inputs(noisy: torch.Tensor, y_bar: torch.Tensor, condition: torch.Tensor | None,
+                    matched: torch.Tensor, sqrt_alpha_bar: torch.Tensor, randomness: Randomness,
+                    at_matched_state: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """F's input (the state, and the condition as a second channel) and noise level for noisy slices
+    (B, 1, H, W) matched to states ``matched``: at a state drawn from 1..t*, or at t* itself."""
+    a_m = sqrt_alpha_bar[matched][:, None, None, None]
+    sigma_m = torch.sqrt(1 - a_m ** 2)
+    eps = (noisy - a_m * y_bar) / sigma_m
+    mean = eps.mean(dim=(1, 2, 3), keepdim=True)  # Eq. 4: the residual gets zero mean ...
+    eps = eps - mean
+    y_bar = y_bar + mean * sigma_m / a_m  # ... and y_bar absorbs it, so x = a y_bar + sigma eps holds
+    if at_matched_state:
+        level = sqrt_alpha_bar[matched]
+    else:
         u = torch.rand(len(matched), generator=randomness.device, device=matched.device)
         t = 1 + torch.floor(u * matched.float()).long().clamp(max=matched - 1)  # uniform in 1..t*
         v = torch.rand(len(matched), generator=randomness.device, device=matched.device)
         level = sqrt_alpha_bar[t] + v * (sqrt_alpha_bar[t - 1] - sqrt_alpha_bar[t])
-        c = level[:, None, None, None]
-        state = c * y_bar + torch.sqrt(1 - c ** 2) * shuffle_pixels(eps, randomness)
-        if independent_estimate is not None:
-            state = torch.cat([state, condition], dim=1)
-        return torch.mean((model(state, noise_level=level).float() - noisy) ** 2)
+    c = level[:, None, None, None]
+    state = c * y_bar + torch.sqrt(1 - c ** 2) * shuffle_pixels(eps, randomness)
+    return (state if condition is None else torch.cat([state, condition], dim=1)), level
 
-    return batch_loss
+
+@torch.no_grad()
+def held_out_squared_error_sum(model: nn.Module, slices: torch.Tensor, estimate: torch.Tensor, states: torch.Tensor,
+                               schedule: DiffusionSchedule, items: np.ndarray, batch_size: int, seed: int,
+                               independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                               ) -> float:
+    """Sum over the slices ``items`` of F's mean squared error against the noisy slice, from a training
+    input at the slice's matched state t* (where inference starts) with pixel shuffles drawn from
+    ``seed`` (the same at every call, so that calls during training compare). On slices F never
+    trained on, it rises when F starts to learn its targets' noise."""
+    sqrt_alpha_bar = torch.as_tensor(schedule.sqrt_alpha_bar, dtype=torch.float32, device=slices.device)
+    randomness = Randomness.seeded(seed, slices.device)
+    n_slices = slices.shape[1]
+    total = 0.0
+    for start in range(0, len(items), batch_size):
+        batch = torch.as_tensor(items[start:start + batch_size], device=slices.device)
+        volumes, slice_index = batch // n_slices, batch % n_slices
+        noisy, y_bar, condition = slice_triplet(slices, estimate, volumes, slice_index, independent_estimate)
+        inputs, level = training_inputs(noisy, y_bar, condition, states[volumes, slice_index], sqrt_alpha_bar,
+                                        randomness, at_matched_state=True)
+        with autocast(slices.device):
+            output = model(inputs, noise_level=level).float()
+        total += float(torch.sum(torch.mean((output - noisy) ** 2, dim=(1, 2, 3))))
+    return total
