@@ -8,16 +8,28 @@ import json
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
+from ddm2 import dwi as dwi_io
 from ddm2.data import group_shells, normalised_shell_slices, restore_shell_volumes, volume_scales
 from ddm2.dwi import DWI
+from ddm2.maps import dti_maps
 from ddm2.metrics import score_against_truth
 from ddm2.sampler import denoise_slices
 from ddm2.schedule import DiffusionSchedule
 from ddm2.training import Randomness
 from ddm2.unet import UNet, preset_config
+
+
+def known_truth(run_dir: Path) -> tuple[DWI, DWI, np.ndarray, dict]:
+    """A known-truth run's noisy input, its truth, the brain mask and the truth's DTI maps (what
+    ``score_against_truth`` compares with), as the run stored them under ``phantom/``."""
+    noisy = dwi_io.load(run_dir / "phantom" / "noisy.nii.gz")
+    truth = dwi_io.load(run_dir / "phantom" / "truth.nii.gz")
+    mask = nib.load(str(run_dir / "phantom" / "mask.nii.gz")).get_fdata() > 0.5
+    return noisy, truth, mask, dti_maps(truth.data, truth.bvals, truth.bvecs_voxel(), mask=mask)
 
 
 def parse_config(config: str) -> tuple[str, int | None, bool]:

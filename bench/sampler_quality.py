@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import nibabel as nib
-from resample import resample_scores
+from resample import known_truth, resample_scores
 
-from ddm2 import dwi as dwi_io
-from ddm2.maps import dti_maps
 from ddm2.metrics import score_against_truth
 
 
@@ -25,10 +22,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--configs", nargs="+", default=["ddim:1", "ddim:5", "ddim:20", "ddim:20:flips", "ddpm"])
     args = parser.parse_args()
-    noisy = dwi_io.load(args.run_dir / "phantom" / "noisy.nii.gz")
-    truth = dwi_io.load(args.run_dir / "phantom" / "truth.nii.gz")
-    mask = nib.load(str(args.run_dir / "phantom" / "mask.nii.gz")).get_fdata() > 0.5
-    truth_maps = dti_maps(truth.data, truth.bvals, truth.bvecs_voxel(), mask=mask)
+    noisy, truth, mask, truth_maps = known_truth(args.run_dir)
     rows = {"noisy": (0, score_against_truth(noisy.data, truth.data, truth.bvals, truth.bvecs_voxel(), mask,
                                              truth_maps), 0.0)}
     for config in args.configs:

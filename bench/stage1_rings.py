@@ -15,15 +15,13 @@ import argparse
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
+from resample import known_truth
 
-from ddm2 import dwi as dwi_io
 from ddm2 import stage1
 from ddm2.data import gradient_features, group_shells, neighbour_table, normalised_shell_slices, \
     restore_shell_volumes, volume_scales
-from ddm2.maps import dti_maps
 from ddm2.metrics import score_against_truth
 from ddm2.training import load_checkpoint
 from ddm2.unet import UNet, preset_config
@@ -36,10 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     record = json.loads((args.run_dir / "run.json").read_text())
     n, preset = record["parameters"]["n"], record["parameters"]["preset"]
-    noisy = dwi_io.load(args.run_dir / "phantom" / "noisy.nii.gz")
-    truth = dwi_io.load(args.run_dir / "phantom" / "truth.nii.gz")
-    mask = nib.load(str(args.run_dir / "phantom" / "mask.nii.gz")).get_fdata() > 0.5
-    truth_maps = dti_maps(truth.data, truth.bvals, truth.bvecs_voxel(), mask=mask)
+    noisy, truth, mask, truth_maps = known_truth(args.run_dir)
     scales = volume_scales(noisy.data)
     alone = [noisy.data.copy() for _ in range(args.rings)]
     mean = [noisy.data.copy() for _ in range(args.rings)]
