@@ -20,6 +20,7 @@ import torch
 from ddm2 import dwi as dwi_io
 from ddm2.cli import main
 from ddm2.phantom import default_gradient_table, make_phantom
+from ddm2.pipeline import Settings
 from ddm2.progress import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK
 from paths import PHILIPS, needs_philips
 
@@ -166,6 +167,13 @@ def test_a_run_killed_mid_stage3_resumes_and_completes(tiny_input, tmp_path):
     assert first_stage3["step"] > 10
     assert events[-1]["event"] == "done"
     assert json.loads((out / "run.json").read_text())["status"] == "done"
+
+
+@pytest.mark.parametrize("recorded, holdout", [({}, 0.0), ({"stage1_holdout": 0.2}, 0.2), ({"holdout": 0.3}, 0.3)])
+def test_a_recorded_run_resumes_with_its_own_held_out_share(recorded, holdout):
+    """Runs recorded before held-out slices existed trained on every slice; runs recorded before the
+    option's rename stored it as stage1_holdout."""
+    assert Settings.from_dict({"n": 3, **recorded}) == Settings(n=3, holdout=holdout)
 
 
 @pytest.mark.parametrize("how", ["sigterm", "cancel_file"])
@@ -365,7 +373,7 @@ def test_held_out_slices_stop_stage1_before_it_learns_the_noise_of_a_small_scan(
         out = tmp_path / f"holdout{share}"
         assert main(["denoise", str(tmp_path / "dwi.nii.gz"), "--out", str(out), "--stage1-steps", "400",
                      "--stage3-steps", "1", "--sampler", "ddim", "--sampling-steps", "1", "--device", "cpu",
-                     "--preset", "small", "--save-stage1", "--no-report", "--stage1-holdout", share]) == EXIT_OK
+                     "--preset", "small", "--save-stage1", "--no-report", "--holdout", share]) == EXIT_OK
         estimate = nib.load(str(out / "stage1.nii.gz")).get_fdata()[..., weighted][phantom.mask]
         errors[share] = np.sqrt(np.mean((estimate - phantom.truth.data[..., weighted][phantom.mask]) ** 2))
         records[share] = json.loads((out / "run.json").read_text())["shells"]["b1000"]

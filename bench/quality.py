@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--method", nargs="+", default=["directional"])
     parser.add_argument("--stage1-steps", type=int, default=800)
     parser.add_argument("--stage3-steps", type=int, default=800)
-    parser.add_argument("--stage1-holdout", type=float, default=0.1, help="as ddm2's (0: the last Stage I step)")
+    parser.add_argument("--holdout", "--stage1-holdout", type=float, default=0.1,
+                        help="as ddm2's (0: the last steps; --stage1-holdout: its earlier name)")
     parser.add_argument("--stage3-condition", default="stage1", choices=STAGE3_CONDITIONS,
                         help="stage1 (default here: every case conditioned), none (the paper's F) "
                              "or auto (ddm2's default)")
@@ -114,7 +115,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for case, snr, n, method in itertools.product(args.case, args.snr, args.n, args.method):
         settings = Settings(n=n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, method=method,
-                            stage1_holdout=args.stage1_holdout,
+                            holdout=args.holdout,
                             stage3_condition=args.stage3_condition, sampler=args.sampler,
                             sampling_steps=args.sampling_steps, save_stage1=True)
         condition = args.stage3_condition
@@ -135,7 +136,7 @@ def main() -> None:
             table += (f"\nDDM2 with {config}: {extra[config]['psnr_db']:.2f} dB, SSIM {extra[config]['ssim']:.4f}, "
                       f"FA RMSE {extra[config]['fa_rmse']:.4f}, MD RMSE {extra[config]['md_rmse'] * 1e3:.4f}e-3")
         record = {"case": case, "shape": list(truth.data.shape), "snr": snr, "n": n, "method": method,
-                  "stage3_condition": condition, "stage1_holdout": args.stage1_holdout,
+                  "stage3_condition": condition, "holdout": args.holdout,
                   "stage1_steps": args.stage1_steps, "stage3_steps": args.stage3_steps, "sampler": args.sampler,
                   "sampling_steps": args.sampling_steps, "seconds": seconds, "machine": platform.node(),
                   "date": date.today().isoformat(), "scores": scores, "extra_samplers": extra}

@@ -38,10 +38,10 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--context-slices", type=int, choices=[0, 1], default=1,
                        help="directional method: Stage I also sees slices z-1 and z+1 of the neighbours and "
                             "of the target volume (default 1; 0: the paper's single slice)")
-    group.add_argument("--stage1-holdout", type=_share, default=0.1,
+    group.add_argument("--holdout", "--stage1-holdout", type=_share, default=0.1,
                        help="share of each shell's slices Stage I and Stage III do not train on; each stage's loss "
                             "on them picks its training step to keep (default 0.1; 0: every slice, the last "
-                            "steps, as the paper)")
+                            "steps, as the paper). --stage1-holdout is its earlier name")
     group.add_argument("--stage3-condition", choices=STAGE3_CONDITIONS, default="auto",
                        help="stage1: Stage III's network also sees Stage I's estimate of the slice (a shell needs "
                             "2n + 1 volumes); none: only the noisy slice, as in the paper (default auto: stage1 for "
@@ -80,7 +80,7 @@ def _settings(args: argparse.Namespace, **extra):
 
     return Settings(n=args.n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, preset=args.preset,
                     seed=args.seed, method=args.method, context_slices=args.context_slices,
-                    stage1_holdout=args.stage1_holdout,
+                    holdout=args.holdout,
                     stage3_condition=args.stage3_condition, batch_size=args.batch_size,
                     learning_rate=args.learning_rate, sampler=args.sampler, sampling_steps=args.sampling_steps,
                     flips=args.flips, checkpoint_every=args.checkpoint_every,

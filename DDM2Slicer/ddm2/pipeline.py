@@ -72,8 +72,8 @@ class Settings:
     context_slices: int = 1  # Stage I's through-plane context K (directional method only)
     # share of each shell's slices neither Stage I nor Stage III is trained on: each stage's loss on them
     # picks its training step to keep (early stopping); 0 trains on every slice and keeps the last steps,
-    # as the paper (the name predates Stage III's use of the same slices)
-    stage1_holdout: float = 0.1
+    # as the paper
+    holdout: float = 0.1
     stage3_condition: str = "auto"  # "stage1": F also sees Stage I's estimate (ddm2.stage3); "none": the paper's F
     # "auto": stage1 for directional shells of AUTO_CONDITION_MIN_VOLUMES or more, none otherwise
     batch_size: int = 0  # 0: the preset's
@@ -99,8 +99,10 @@ class Settings:
     @classmethod
     def from_dict(cls, values: dict) -> "Settings":
         known = {f.name for f in fields(cls)}
-        # runs recorded before Stage I held slices out trained on every slice
-        return cls(**{"stage1_holdout": 0.0, **{k: v for k, v in values.items() if k in known}})
+        # runs recorded before Stage I held slices out trained on every slice; "stage1_holdout" is the
+        # name runs recorded before Stage III held out the same slices
+        values = {"holdout": values.get("stage1_holdout", 0.0), **values}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 @dataclass
@@ -379,7 +381,7 @@ class ShellJob:
             self.second_conditions_t = torch.as_tensor(gradient_features(bvecs, bvals, second),
                                                        device=self.device) if directional else None
         # slices neither stage trains on: their loss picks each stage's step to keep (``train``)
-        self.held_out = stage1.held_out_items(self.n_items, s.stage1_holdout, s.seed)
+        self.held_out = stage1.held_out_items(self.n_items, s.holdout, s.seed)
         self.batches = stage1.SliceSampler(self.slices_t, s.batch_size,
                                            np.setdiff1d(np.arange(self.n_items), self.held_out))
 
