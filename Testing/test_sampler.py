@@ -91,3 +91,28 @@ def test_a_conditioned_denoiser_gets_each_slice_its_own_condition_in_every_batch
                                 randomness=Randomness.seeded(0, torch.device("cpu")),
                                 condition=lambda rows: torch.as_tensor(condition[rows])[:, None])
         np.testing.assert_array_equal(out, condition[items])
+
+
+class FixedWeights(nn.Module):
+    """An F whose answer depends on the orientation of its input: it multiplies each pixel by a fixed,
+    asymmetric weight."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.weights = weights
+
+    def forward(self, inputs, noise_level=None):
+        return inputs * self.weights
+
+
+def test_flips_average_f_over_the_four_flips_of_each_slice():
+    rng = np.random.default_rng(3)
+    noisy = rng.uniform(-0.6, 0.6, size=(3, 4, 5)).astype(np.float32)  # inside F's clamp, [-1, 1]
+    weights = torch.as_tensor(rng.uniform(0.5, 1.5, size=(4, 5)).astype(np.float32))
+    # one ddim step returns F's prediction itself: each flip's answer flipped back, averaged
+    symmetrised = (weights + weights.flip(-1) + weights.flip(-2) + weights.flip([-2, -1])).numpy() / 4
+    for flips, expected in ((False, noisy * weights.numpy()), (True, noisy * symmetrised)):
+        out, _ = denoise_slices(FixedWeights(weights), noisy, np.array([50, 120, 300]), DiffusionSchedule(),
+                                sampler="ddim", steps=1, flips=flips, batch_size=2, device=torch.device("cpu"),
+                                randomness=Randomness.seeded(0, torch.device("cpu")))
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
