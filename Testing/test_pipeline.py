@@ -121,6 +121,40 @@ def test_a_shell_too_small_for_a_conditioned_stage3_gets_the_papers(tiny_input, 
     assert weights["input.weight"].shape[1] == 1  # F's first convolution takes the state alone
 
 
+def test_the_signal_target_takes_the_rician_floor_out_of_low_signal(tmp_path, capsys):
+    """Where the signal is far below the noise (the background, and CSF at b = 1000), F trained against
+    the noisy slices answers their mean, which Rician noise lifts to about sigma sqrt(pi / 2); trained
+    against the signal target it answers the signal. Same seed, so the same Stage I: only F differs."""
+    from scipy import ndimage
+
+    from ddm2.phantom import CSF
+
+    phantom = make_phantom((32, 32, 4), snr=5, seed=2)
+    path = tmp_path / "dwi.nii.gz"
+    dwi_io.save_nifti(phantom.noisy, path)
+    options = ["--stage1-steps", "100", "--stage3-steps", "200", "--sampler", "ddim", "--sampling-steps", "1",
+               "--device", "cpu", "--preset", "small", "--holdout", "0", "--no-report"]
+    outputs = {}
+    for target in ("mean", "auto"):  # auto: signal, since the phantom has a background
+        out = tmp_path / target
+        code, _, err = run_cli(["denoise", str(path), "--out", str(out), *options, "--target", target], capsys)
+        assert code == EXIT_OK, err
+        outputs["signal" if target == "auto" else target] = nib.load(str(out / "denoised.nii.gz")).get_fdata()
+    sigma = json.loads((tmp_path / "auto" / "run.json").read_text())["noise_sigma"]
+    assert sigma == pytest.approx(phantom.sigma, rel=0.05)
+    assert "noise_sigma" not in json.loads((tmp_path / "mean" / "run.json").read_text())
+    weighted = phantom.noisy.bvals > 50
+    assert outputs["signal"][..., weighted].min() >= 0.1 * sigma * (1 - 1e-6)  # floored: a logarithm for DTI
+    background = ~ndimage.binary_dilation(phantom.mask, iterations=3)
+    csf = phantom.labels == CSF
+    truth = phantom.truth.data[..., weighted]
+    for where in (background, csf):
+        bias = {target: np.mean(output[..., weighted][where] - truth[where]) / sigma
+                for target, output in outputs.items()}
+        assert bias["mean"] > 0.8, bias  # the floor: sigma sqrt(pi / 2) = 1.25 sigma where nu = 0
+        assert abs(bias["signal"]) < 0.4 * bias["mean"], bias
+
+
 def test_a_second_run_into_the_same_directory_is_refused(tiny_input, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(["denoise", str(tiny_input), "--out", str(out), *TINY, "--no-report"], capsys)[0] == EXIT_OK
@@ -169,11 +203,12 @@ def test_a_run_killed_mid_stage3_resumes_and_completes(tiny_input, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "done"
 
 
-@pytest.mark.parametrize("recorded, holdout", [({}, 0.0), ({"stage1_holdout": 0.2}, 0.2), ({"holdout": 0.3}, 0.3)])
-def test_a_recorded_run_resumes_with_its_own_held_out_share(recorded, holdout):
+@pytest.mark.parametrize("recorded, holdout, target", [({}, 0.0, "mean"), ({"stage1_holdout": 0.2}, 0.2, "mean"),
+                                                       ({"holdout": 0.3, "target": "auto"}, 0.3, "auto")])
+def test_a_recorded_run_resumes_with_its_own_held_out_share_and_target(recorded, holdout, target):
     """Runs recorded before held-out slices existed trained on every slice; runs recorded before the
-    option's rename stored it as stage1_holdout."""
-    assert Settings.from_dict({"n": 3, **recorded}) == Settings(n=3, holdout=holdout)
+    option's rename stored it as stage1_holdout; runs recorded before the signal target had the mean's."""
+    assert Settings.from_dict({"n": 3, **recorded}) == Settings(n=3, holdout=holdout, target=target)
 
 
 @pytest.mark.parametrize("how", ["sigterm", "cancel_file"])
@@ -217,6 +252,8 @@ def _bad_inputs(folder: Path) -> dict[str, list[str]]:
         "no b=0": [write("no_b0", data, [1000] * 5, [[0.6, 0, 0.8]] + bvecs[1:])],
         "zero-norm gradient": [write("zero", data, bvals, [bvecs[0], [0, 0, 0]] + bvecs[2:])],
         "CUDA absent": [write("good", data, bvals, bvecs), "--device", "cuda"],
+        "no background to measure the noise on": [write("good", data, bvals, bvecs), "--target", "signal"],
+        "negative noise sigma": [write("good", data, bvals, bvecs), "--noise-sigma", "-3"],
     }
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from ddm2.schedule import DiffusionSchedule
 from ddm2.stage1 import SliceSampler
-from ddm2.stage3 import held_out_squared_error_sum, stage3_batch_loss
+from ddm2.stage3 import held_out_squared_error_sum, stage3_batch_loss, target_error
 from ddm2.training import Randomness
 
 FLIPS = ([], [-1], [-2], [-2, -1])
@@ -86,3 +87,32 @@ def test_the_held_out_error_of_f_is_taken_at_the_matched_state_with_the_same_shu
               for seed in (0, 0, 1)]
     assert identity.inputs.shape == (1, 2, 8, 8)  # the conditioned F: the state and Stage I's estimate
     assert errors[0] == errors[1] and errors[0] != errors[2]
+
+
+def best_answer(noisy: torch.Tensor, reference: torch.Tensor, sigma: torch.Tensor | None, upper: float) -> float:
+    """The one value in [0, upper] that F would answer for every noisy sample, in units of the volume's
+    maximum: the minimiser of the mean target error (unimodal there in both targets)."""
+    from scipy.optimize import minimize_scalar
+
+    def mean_error(value: float) -> float:
+        answer = torch.full_like(noisy, 2 * value - 1)
+        return float(torch.mean(target_error(answer, noisy, reference, sigma)))
+
+    return float(minimize_scalar(mean_error, bounds=(0.0, upper), method="bounded",
+                                 options={"xatol": 1e-7}).x)
+
+
+def test_the_signal_target_is_learned_as_the_signal_where_the_noisy_slices_mean_lies_above_it():
+    """Rician samples M of a signal nu: the paper's target leads F to their mean (sigma sqrt(pi / 2) at
+    nu = 0), the signal target to nu itself, at every signal-to-noise ratio."""
+    sigma = 0.04
+    rng = np.random.default_rng(0)
+    for nu in (0.0, 0.5 * sigma, sigma, 3 * sigma, 10 * sigma):
+        magnitude = np.abs(nu + sigma * (rng.normal(size=400_000) + 1j * rng.normal(size=400_000)))
+        noisy = torch.as_tensor(2 * magnitude - 1, dtype=torch.float64)[:, None, None, None]
+        reference = torch.full_like(noisy, 2 * nu - 1)  # Stage I's estimate: only scales the error
+        signal = best_answer(noisy, reference, torch.full((len(noisy),), sigma, dtype=torch.float64), nu + 5 * sigma)
+        mean = best_answer(noisy, reference, None, nu + 5 * sigma)
+        assert abs(signal - nu) < 0.06 * sigma, nu
+        assert mean == pytest.approx(magnitude.mean(), abs=1e-3 * sigma), nu
+    assert mean > nu + 0.04 * sigma  # still above at nu = 10 sigma (bias sigma^2 / (2 nu) = 0.05 sigma)

@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--stage3-condition", default="stage1", choices=STAGE3_CONDITIONS,
                         help="stage1 (default here: every case conditioned), none (the paper's F) "
                              "or auto (ddm2's default)")
+    parser.add_argument("--target", default="auto", choices=["auto", "signal", "mean"], help="as ddm2's")
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--sampling-steps", type=int, default=5)
     parser.add_argument("--extra-samplers", nargs="*", default=[], help="e.g. ddpm ddim:20:flips")
@@ -115,12 +116,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for case, snr, n, method in itertools.product(args.case, args.snr, args.n, args.method):
         settings = Settings(n=n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, method=method,
-                            holdout=args.holdout,
+                            holdout=args.holdout, target=args.target,
                             stage3_condition=args.stage3_condition, sampler=args.sampler,
                             sampling_steps=args.sampling_steps, save_stage1=True)
         condition = args.stage3_condition
         # runs of the paper's F keep the names they had before the conditioned F existed
         suffix = {"none": "", "stage1": "-conditioned", "auto": "-auto"}[condition]
+        # and runs of the mean target the names they had before the signal target existed
+        suffix += {"mean": "", "signal": "-signal", "auto": "-target-auto"}[args.target]
         run_dir = args.out / f"{case}-snr{snr:g}-n{n}-{method}{suffix}"
         truth_case = make_case(case, snr, settings.seed)
         started = time.monotonic()
@@ -136,7 +139,8 @@ def main() -> None:
             table += (f"\nDDM2 with {config}: {extra[config]['psnr_db']:.2f} dB, SSIM {extra[config]['ssim']:.4f}, "
                       f"FA RMSE {extra[config]['fa_rmse']:.4f}, MD RMSE {extra[config]['md_rmse'] * 1e3:.4f}e-3")
         record = {"case": case, "shape": list(truth.data.shape), "snr": snr, "n": n, "method": method,
-                  "stage3_condition": condition, "holdout": args.holdout,
+                  "stage3_condition": condition, "holdout": args.holdout, "target": args.target,
+                  "noise_sigma": json.loads((run_dir / "run.json").read_text()).get("noise_sigma"),
                   "stage1_steps": args.stage1_steps, "stage3_steps": args.stage3_steps, "sampler": args.sampler,
                   "sampling_steps": args.sampling_steps, "seconds": seconds, "machine": platform.node(),
                   "date": date.today().isoformat(), "scores": scores, "extra_samplers": extra}

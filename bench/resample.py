@@ -17,6 +17,7 @@ from ddm2.data import group_shells, normalised_shell_slices, restore_shell_volum
 from ddm2.dwi import DWI
 from ddm2.maps import dti_maps
 from ddm2.metrics import score_against_truth
+from ddm2.noise import floor_signal
 from ddm2.sampler import denoise_slices
 from ddm2.schedule import DiffusionSchedule
 from ddm2.training import Randomness
@@ -75,6 +76,8 @@ def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, f
                                             condition=condition)
         seconds += time.monotonic() - started
         restore_shell_volumes(data, flat.reshape(slices.shape), shell, scales)
+        if "noise_sigma" in record:  # the signal target's estimates, floored as the pipeline floors them
+            floor_signal(data, list(shell.indices), record["noise_sigma"])
         curves.append(shell_curves)
         all_states.append(states)
     median_state = int(np.median(np.concatenate(all_states)))

@@ -46,6 +46,15 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
                        help="stage1: Stage III's network also sees Stage I's estimate of the slice (a shell needs "
                             "2n + 1 volumes); none: only the noisy slice, as in the paper (default auto: stage1 for "
                             "shells of 30 or more directions with the directional method, none otherwise)")
+    group.add_argument("--target", choices=["auto", "signal", "mean"], default="auto",
+                       help="what Stage III estimates: signal: the noise-free signal (Rician bias removed; needs "
+                            "the noise level, measured outside the head or given with --noise-sigma); mean: the "
+                            "mean of the noisy data, which Rician noise lifts above the signal where it is low "
+                            "(the paper); auto (default): signal where the noise level is given or measurable, "
+                            "mean otherwise")
+    group.add_argument("--noise-sigma", type=float, default=0.0,
+                       help="the noise's sigma in the input's units for --target signal (default: measured on the "
+                            "background outside the head)")
     group.add_argument("--sampler", choices=SAMPLERS, default=sampler,
                        help=f"ddpm: every state from t* (the paper); ddim: --sampling-steps deterministic steps "
                             f"(default {sampler})")
@@ -82,7 +91,7 @@ def _settings(args: argparse.Namespace, **extra):
 
     return Settings(n=args.n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, preset=args.preset,
                     seed=args.seed, method=args.method, context_slices=args.context_slices,
-                    holdout=args.holdout,
+                    holdout=args.holdout, target=args.target, noise_sigma=args.noise_sigma,
                     stage3_condition=args.stage3_condition, batch_size=args.batch_size,
                     learning_rate=args.learning_rate, sampler=args.sampler, sampling_steps=args.sampling_steps,
                     flips=args.flips, checkpoint_every=args.checkpoint_every,

@@ -2,8 +2,9 @@
 
 Run directory layout::
 
-    run.json                      parameters, versions, device, timings, matched states, Stage I's
-                                  held-out losses and kept step, outputs, status
+    run.json                      parameters, versions, device, timings, the signal target's noise
+                                  sigma, matched states, Stage I's held-out losses and kept step,
+                                  outputs, status
     checkpoints/<shell>/stage1.pt       Stage I model + optimiser + random state + the best step's weights
                                         so far (every K steps)
     checkpoints/<shell>/stage1_estimate.npy   Stage I's estimate of every slice (computed once)
@@ -43,6 +44,7 @@ from ddm2 import dwi as dwi_io
 from ddm2.data import (Shell, gradient_features, group_shells, neighbour_table, normalised_shell_slices,
                        restore_shell_volumes, volume_scales)
 from ddm2.dwi import DWI, InputError, atomic_path
+from ddm2.noise import NoBackground, background_sigma, floor_signal
 from ddm2.progress import STAGE_WEIGHTS, Cancelled, CancelToken, Reporter
 from ddm2.schedule import DiffusionSchedule
 
@@ -76,6 +78,12 @@ class Settings:
     holdout: float = 0.1
     stage3_condition: str = "auto"  # "stage1": F also sees Stage I's estimate (ddm2.stage3); "none": the paper's F
     # "auto": stage1 for directional shells of AUTO_CONDITION_MIN_VOLUMES or more, none otherwise
+    # "mean": F is trained against the noisy slices and estimates their mean (the paper), which Rician
+    # noise lifts above the signal; "signal": against the squared slices less 2 sigma^2, and estimates the
+    # signal (ddm2.stage3.target_error); "auto": signal where the noise level is given or can be measured
+    # on the background (ddm2.noise), mean otherwise
+    target: str = "auto"
+    noise_sigma: float = 0.0  # the noise's sigma in the input's units for the signal target; 0: from the background
     batch_size: int = 0  # 0: the preset's
     learning_rate: float = 0.0  # 0: the preset's
     sampler: str = "ddpm"
@@ -100,8 +108,9 @@ class Settings:
     def from_dict(cls, values: dict) -> "Settings":
         known = {f.name for f in fields(cls)}
         # runs recorded before Stage I held slices out trained on every slice; "stage1_holdout" is the
-        # name runs recorded before Stage III held out the same slices
-        values = {"holdout": values.get("stage1_holdout", 0.0), **values}
+        # name runs recorded before Stage III held out the same slices; runs recorded before the signal
+        # target estimated the mean
+        values = {"holdout": values.get("stage1_holdout", 0.0), "target": "mean", **values}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
@@ -271,12 +280,15 @@ class Run:
         self.record["shells"] = {s.name: {"volumes": list(s.indices), "denoised": s in shells}
                                  for s in shells + passed}
         total_slices = sum(len(s.indices) for s in shells) or 1
+        sigma = self.record.get("noise_sigma")  # the signal target's (scan_noise_sigma)
         base = 0.0
         results = []
         for shell in shells:
             span = (1.0 - STAGE_WEIGHTS["outputs"]) * len(shell.indices) / total_slices
+            # in the units of normalise_volumes' maxima, as target_error takes it
+            volume_sigma = None if sigma is None else sigma / scales[list(shell.indices)]
             results.append(self.denoise_shell(shell, normalised_shell_slices(self.dwi.data, shell, scales),
-                                              base, span))
+                                              base, span, volume_sigma))
             base += span
         if not distributed.is_main():
             return None
@@ -284,9 +296,11 @@ class Run:
         return self.assemble(results, scales)
 
     # --------------------------------------------------------------------------- one shell
-    def denoise_shell(self, shell: Shell, slices: np.ndarray, base: float, span: float) -> ShellResult:
-        """The three stages and the inference of one shell, each skipped when its result is stored."""
-        job = ShellJob(self, shell, slices, base, span)
+    def denoise_shell(self, shell: Shell, slices: np.ndarray, base: float, span: float,
+                      sigma: np.ndarray | None) -> ShellResult:
+        """The three stages and the inference of one shell, each skipped when its result is stored;
+        sigma: the noise level of each of its volumes for the signal target (``ShellJob.stage3``)."""
+        job = ShellJob(self, shell, slices, base, span, sigma)
         estimate = job.stage1()
         states = job.stage2(estimate)
         stored = job.stored_result()
@@ -307,8 +321,11 @@ class Run:
         # passed-through volumes keep their exact input values
         data = self.dwi.data.copy()
         stage1_data = self.dwi.data.copy() if self.settings.save_stage1 else None
+        sigma = self.record.get("noise_sigma")
         for result in results:
             restore_shell_volumes(data, result.denoised, result.shell, scales)
+            if sigma is not None:  # the signal target's estimates: never 0, for the tensor fit's logarithm
+                floor_signal(data, list(result.shell.indices), sigma)
             if stage1_data is not None:
                 restore_shell_volumes(stage1_data, result.stage1, result.shell, scales)
             result.denoised = result.stage1 = None  # each shell's slices are freed once in the output
@@ -340,12 +357,14 @@ class Run:
 class ShellJob:
     """One shell's stages in its checkpoint folder ``checkpoints/<shell>``; used by ``Run``."""
 
-    def __init__(self, run: Run, shell: Shell, slices: np.ndarray, base: float, span: float) -> None:
+    def __init__(self, run: Run, shell: Shell, slices: np.ndarray, base: float, span: float,
+                 sigma: np.ndarray | None = None) -> None:
         import torch
 
         from ddm2 import stage1
 
         self.run, self.shell, self.slices = run, shell, slices
+        self.sigma_t = None if sigma is None else torch.as_tensor(sigma, dtype=torch.float32, device=run.device)
         self.settings = s = run.settings
         self.device = run.device
         self.folder = run.run_dir / "checkpoints" / shell.name
@@ -514,12 +533,13 @@ class ShellJob:
         second = self.stage1_estimates(self.second_neighbours_t, self.second_conditions_t) if self.conditioned else None
         estimate_t = torch.as_tensor(estimate, device=self.device)
         states_t = torch.as_tensor(states, device=self.device)
-        loss = stage3.stage3_batch_loss(denoiser, self.batches, estimate_t, states_t, self.run.schedule, second)
+        loss = stage3.stage3_batch_loss(denoiser, self.batches, estimate_t, states_t, self.run.schedule, second,
+                                        self.sigma_t)
         s = self.settings
         self.train(denoiser, loss, "stage3", s.stage3_steps, 1000,
                    lambda items: stage3.held_out_squared_error_sum(
                        training.unwrap(denoiser), self.slices_t, estimate_t, states_t, self.run.schedule, items,
-                       s.inference_batch, s.seed + 2000, second))
+                       s.inference_batch, s.seed + 2000, second, self.sigma_t))
         self.run.timed(f"stage3_{self.shell.name}", time.monotonic() - started)
         return denoiser
 
@@ -580,6 +600,27 @@ class ShellJob:
         run.timed(f"inference_{name}", time.monotonic() - started)
         run.save_record()
         return denoised, curves
+
+
+def scan_noise_sigma(dwi: DWI, settings: Settings) -> tuple[float | None, str]:
+    """The noise's sigma (input units) for Stage III's signal target, given or measured on the
+    background, or None for the mean target; and a line for the log. Without a background to measure,
+    target "signal" raises NoBackground (an InputError) and "auto" falls back to the mean target."""
+    if settings.target == "mean":
+        return None, "Stage III estimates the noisy data's mean (--target mean)"
+    if not settings.noise_sigma >= 0 or not np.isfinite(settings.noise_sigma):
+        raise InputError(f"--noise-sigma {settings.noise_sigma} is not a noise level: give the noise's sigma in "
+                         "the input's units, or leave it out to have it measured on the background")
+    if settings.noise_sigma:
+        return settings.noise_sigma, f"noise sigma {settings.noise_sigma:.4g} (given): Stage III estimates the signal"
+    try:
+        sigma = background_sigma(dwi.data, dwi.bvals)
+    except NoBackground as error:
+        if settings.target == "signal":
+            raise
+        return None, (f"no noise level to measure ({error.measured}): Stage III estimates the noisy data's mean, "
+                      "as in the paper. Give --noise-sigma to have it estimate the signal")
+    return sigma, f"noise sigma {sigma:.4g} (measured on the background): Stage III estimates the signal"
 
 
 def write_maps(dwi: DWI, mask: np.ndarray, out_dir: Path,
@@ -678,7 +719,12 @@ def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, rep
                              "another --out")
         record, stored = {}, None
 
+    # a resumed run keeps its own target (below); a scan with no noise to measure is refused before anything
+    sigma, noise_note = scan_noise_sigma(dwi, stored or settings)
+    if sigma is not None:
+        record["noise_sigma"] = sigma
     torch_device = distributed.rank_device(resolve_device(device, reporter))
+    reporter.log(noise_note)
     settings = settings.resolved(torch_device.type)
     if stored is not None:
         changed = [f"{name} {value} (the run's: {getattr(stored, name)})"

@@ -20,6 +20,11 @@ is drawn from 1..t* of that slice (the states inference visits), not from the wh
 continuous level c is uniform between the chain values of t - 1 and t, as in SR3. Measured against
 the whole chain and against t* alone, 1..t* scored best (bench/RESULTS.md, fourth session).
 
+Signal target (``--target signal``): for Rician noise the mean of the noisy slice lies above the
+signal nu, by sigma sqrt(pi / 2) where nu = 0, so an F trained against the noisy slice learns that
+bias. Trained instead against m^2 - 2 sigma^2 (m: the noisy magnitude), whose mean is nu^2 whatever
+nu is, F estimates the signal itself (``target_error``); sigma is the scan's (``ddm2.noise``).
+
 Like Stage I, F can learn its targets' noise on a small scan (6 directions: 48 target slices). The
 pipeline holds Stage I's held-out slices out of Stage III as well and keeps the step of lowest
 ``held_out_squared_error_sum``.
@@ -48,7 +53,8 @@ def shuffle_pixels(noise: torch.Tensor, randomness: Randomness) -> torch.Tensor:
 
 def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.Tensor, states: torch.Tensor,
                       schedule: DiffusionSchedule,
-                      independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                      independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                      sigma: torch.Tensor | None = None):
     """The loss closure of one Stage III step.
 
     Parameters
@@ -58,6 +64,8 @@ def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.T
     states : matched state t* of every slice (V, Z), int64, all >= 1.
     independent_estimate : for a conditioned F, (volumes, slice_index) -> (B, 1, H, W) Stage I estimate
         from the disjoint neighbours; the state is built from it and ``estimate`` is F's second channel.
+    sigma : (V,) noise level of each volume in units of its maximum, for the signal target
+        (``target_error``); None: the noisy slice is the target, as in the paper.
     """
     sqrt_alpha_bar = torch.as_tensor(schedule.sqrt_alpha_bar, dtype=torch.float32, device=estimate.device)
 
@@ -70,9 +78,31 @@ def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.T
             noisy, y_bar, condition = random_flips([noisy, y_bar, condition], randomness)
         inputs, level = training_inputs(noisy, y_bar, condition, states[volumes, slice_index], sqrt_alpha_bar,
                                         randomness)
-        return torch.mean((model(inputs, noise_level=level).float() - noisy) ** 2)
+        output = model(inputs, noise_level=level).float()
+        return torch.mean(target_error(output, noisy, y_bar, None if sigma is None else sigma[volumes]))
 
     return batch_loss
+
+
+def target_error(output: torch.Tensor, noisy: torch.Tensor, reference: torch.Tensor,
+                 sigma: torch.Tensor | None) -> torch.Tensor:
+    """F's squared error per pixel (B, 1, H, W) against its target, in normalised units.
+
+    sigma None: the target is the noisy slice (the paper), and F learns the mean of the noisy data.
+    sigma (B,): each sample's noise level in units of its volume's maximum. With m = (x + 1) / 2 the
+    noisy slice and s = (o + 1) / 2 F's answer in those units, the error is that of s |s| against
+    m^2 - 2 sigma^2, whose mean is the squared signal nu^2, so F learns to answer the signal nu. It is
+    divided by max(r, sigma)^2, r = (reference + 1) / 2 being Stage I's estimate, which does not depend
+    on the target's noise: about 4 (s - nu)^2, as the paper's error is 4 (s - m)^2 in these units,
+    and not weighted towards bright pixels as an error of squares would be.
+    """
+    if sigma is None:
+        return (output - noisy) ** 2
+    level = sigma.to(output.dtype)[:, None, None, None]
+    answer = (output + 1) / 2
+    squared_signal = ((noisy + 1) / 2) ** 2 - 2 * level ** 2
+    scale = torch.maximum((reference + 1) / 2, level)
+    return ((answer * answer.abs() - squared_signal) / scale) ** 2
 
 
 def slice_triplet(slices: torch.Tensor, estimate: torch.Tensor, volumes: torch.Tensor, slice_index: torch.Tensor,
@@ -111,9 +141,9 @@ def training_inputs(noisy: torch.Tensor, y_bar: torch.Tensor, condition: torch.T
 @torch.no_grad()
 def held_out_squared_error_sum(model: nn.Module, slices: torch.Tensor, estimate: torch.Tensor, states: torch.Tensor,
                                schedule: DiffusionSchedule, items: np.ndarray, batch_size: int, seed: int,
-                               independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                               ) -> float:
-    """Sum over the slices ``items`` of F's mean squared error against the noisy slice, from a training
+                               independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                               sigma: torch.Tensor | None = None) -> float:
+    """Sum over the slices ``items`` of F's mean error against its target (``target_error``), from a training
     input at the slice's matched state t* (where inference starts) with pixel shuffles drawn from
     ``seed`` (the same at every call, so that calls during training compare). On slices F never
     trained on, it rises when F starts to learn its targets' noise."""
@@ -129,5 +159,6 @@ def held_out_squared_error_sum(model: nn.Module, slices: torch.Tensor, estimate:
                                         randomness, at_matched_state=True)
         with autocast(slices.device):
             output = model(inputs, noise_level=level).float()
-        total += float(torch.sum(torch.mean((output - noisy) ** 2, dim=(1, 2, 3))))
+        error = target_error(output, noisy, y_bar, None if sigma is None else sigma[volumes])
+        total += float(torch.sum(torch.mean(error, dim=(1, 2, 3))))
     return total
