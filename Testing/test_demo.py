@@ -32,7 +32,8 @@ def test_demo_scores_every_method_and_resumes_its_own_run(tmp_path, capsys):
     # flat ones: each curve starts at the input, so one step rises as far as it moved the slice
     assert shell["outlier_slices"] == []
     # and averages F over the 4 flips of each slice (bench/RESULTS.md: better on every bench case)
-    assert json.loads((out / "run.json").read_text())["parameters"]["flips"] is True
+    parameters = json.loads((out / "run.json").read_text())["parameters"]
+    assert parameters["flips"] is True and parameters["target"] == "auto"
     # the run keeps its known truth beside it (bench/resample.py re-scores it from there)
     mask = nib.load(str(out / "phantom" / "mask.nii.gz")).get_fdata() > 0.5
     np.testing.assert_array_equal(mask, make_phantom().mask)
