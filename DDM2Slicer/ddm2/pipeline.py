@@ -608,11 +608,11 @@ def scan_noise_sigma(dwi: DWI, settings: Settings) -> tuple[float | None, str]:
     """The noise's sigma (input units) for Stage III's signal target, given or measured on the
     background, or None for the mean target; and a line for the log. Without a background to measure,
     target "signal" raises NoBackground (an InputError) and "auto" falls back to the mean target."""
-    if settings.target == "mean":
-        return None, "Stage III estimates the noisy data's mean (--target mean)"
     if not settings.noise_sigma >= 0 or not np.isfinite(settings.noise_sigma):
         raise InputError(f"--noise-sigma {settings.noise_sigma} is not a noise level: give the noise's sigma in "
                          "the input's units, or leave it out to have it measured on the background")
+    if settings.target == "mean":
+        return None, "Stage III estimates the noisy data's mean (--target mean)"
     if settings.noise_sigma:
         return settings.noise_sigma, f"noise sigma {settings.noise_sigma:.4g} (given): Stage III estimates the signal"
     try:
