@@ -94,6 +94,8 @@ def test_denoise_writes_every_output_of_the_contract(tiny_input, tmp_path, capsy
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "done"
     assert record["parameters"]["n"] == 2 and record["parameters"]["preset"] == "small"
+    # by default Stage III estimates the signal where the background gives the noise level
+    assert record["parameters"]["target"] == "auto" and record["noise_sigma"] > 0
     assert {"stage1_b1000", "stage3_b1000", "inference_b1000", "outputs"} <= set(record["timings_s"])
     states = np.array(record["shells"]["b1000"]["stage2"]["states"])
     assert states.shape == (8, 3) and states.min() >= 1

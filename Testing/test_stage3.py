@@ -9,7 +9,7 @@ from torch import nn
 
 from ddm2.schedule import DiffusionSchedule
 from ddm2.stage1 import SliceSampler
-from ddm2.stage3 import held_out_squared_error_sum, stage3_batch_loss, target_error
+from ddm2.stage3 import held_out_squared_error_sum, stage3_batch_loss, target_error, training_error
 from ddm2.training import Randomness
 
 FLIPS = ([], [-1], [-2], [-2, -1])
@@ -116,3 +116,47 @@ def test_the_signal_target_is_learned_as_the_signal_where_the_noisy_slices_mean_
         assert abs(signal - nu) < 0.06 * sigma, nu
         assert mean == pytest.approx(magnitude.mean(), abs=1e-3 * sigma), nu
     assert mean > nu + 0.04 * sigma  # still above at nu = 10 sigma (bias sigma^2 / (2 nu) = 0.05 sigma)
+
+
+def gradient_descent_answer(loss, noisy: torch.Tensor, reference: torch.Tensor, steps: int,
+                            step_size: float) -> tuple[float, float]:
+    """(F's answer in units of the maximum, the first step's gradient) after plain gradient descent on
+    one output value shared by every sample, started at 0.5 (a network's output 0 at initialisation)."""
+    output = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    first = None
+    for _ in range(steps):
+        value = torch.mean(loss(output.expand(noisy.shape), noisy, reference))
+        (gradient,) = torch.autograd.grad(value, output)
+        first = float(gradient) if first is None else first
+        with torch.no_grad():
+            output -= step_size * gradient
+    return (float(output.detach()) + 1) / 2, first
+
+
+def test_the_signal_targets_training_loss_reaches_the_signal_from_far_off_with_the_papers_step_size():
+    """From F's first answer (0.5 of the maximum), far above a dark signal: gradient descent on the
+    training loss reaches nu at the step size that suits the paper's loss, at every signal-to-noise
+    ratio, its first gradient no larger than the paper's. The loss whose value the held-out criterion
+    takes (target_error) has a first gradient more than 40 times the paper's in the background (87)."""
+    sigma = 0.04
+    rng = np.random.default_rng(1)
+    for nu in (0.0, sigma, 3 * sigma, 10 * sigma):
+        magnitude = np.abs(nu + sigma * (rng.normal(size=200_000) + 1j * rng.normal(size=200_000)))
+        noisy = torch.as_tensor(2 * magnitude - 1, dtype=torch.float64)[:, None, None, None]
+        reference = torch.full_like(noisy, 2 * max(nu, sigma) - 1)
+        levels = torch.full((len(noisy),), sigma, dtype=torch.float64)
+        signal, first = gradient_descent_answer(lambda o, x, r: training_error(o, x, r, levels), noisy, reference,
+                                                steps=300, step_size=0.1)
+        mean, paper_first = gradient_descent_answer(lambda o, x, r: training_error(o, x, r, None), noisy, reference,
+                                                    steps=300, step_size=0.1)
+        assert abs(signal - nu) < 0.1 * sigma, nu  # at nu = 0, the samples' error is about 0.07 sigma
+        assert mean == pytest.approx(magnitude.mean(), abs=0.01 * sigma), nu
+        assert 0.3 * paper_first < first <= paper_first, nu
+    background = torch.as_tensor(2 * np.abs(sigma * (rng.normal(size=1000) + 1j * rng.normal(size=1000))) - 1,
+                                 dtype=torch.float64)[:, None, None, None]
+    reference = torch.full_like(background, 2 * sigma - 1)
+    _, held_out_first = gradient_descent_answer(lambda o, x, r: target_error(o, x, r, levels[:1000]), background,
+                                                reference, steps=1, step_size=0.0)
+    _, paper_first = gradient_descent_answer(lambda o, x, r: training_error(o, x, r, None), background, reference,
+                                             steps=1, step_size=0.0)
+    assert held_out_first > 40 * paper_first

@@ -21,7 +21,7 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_steps: int,
-                  sampler: str = "ddpm", sampling_steps: int = 20, flips: bool = False, target: str = "mean") -> None:
+                  sampler: str = "ddpm", sampling_steps: int = 20, flips: bool = False) -> None:
     from ddm2.pipeline import METHODS, STAGE3_CONDITIONS
     from ddm2.sampler import SAMPLERS
 
@@ -46,13 +46,12 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
                        help="stage1: Stage III's network also sees Stage I's estimate of the slice (a shell needs "
                             "2n + 1 volumes); none: only the noisy slice, as in the paper (default auto: stage1 for "
                             "shells of 30 or more directions with the directional method, none otherwise)")
-    group.add_argument("--target", choices=["auto", "signal", "mean"], default=target,
+    group.add_argument("--target", choices=["auto", "signal", "mean"], default="auto",
                        help="what Stage III estimates: signal: the noise-free signal (Rician bias removed; needs "
                             "the noise level, measured outside the head or given with --noise-sigma); mean: the "
                             "mean of the noisy data, which Rician noise lifts above the signal where it is low "
-                            "(the paper); auto: signal where the noise level is given or measurable, mean "
-                            f"otherwise (default {target}: the signal target over-smoothed a real scan at CPU "
-                            "budgets, bench/RESULTS.md)")
+                            "(the paper); auto (default): signal where the noise level is given or measurable, "
+                            "mean otherwise")
     group.add_argument("--noise-sigma", type=float, default=0.0,
                        help="the noise's sigma in the input's units for --target signal (default: measured on the "
                             "background outside the head)")
@@ -117,10 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
     # CPU-sized: step counts that finish in minutes on two cores, and one ddim step (F's prediction of the
     # clean slice from t*), which scored best on PSNR on every bench case, averaged over the 4 flips,
-    # which raised PSNR and SSIM on every bench case at 1 step, and the signal target, which beat the mean
-    # target on every known-truth bench case (bench/RESULTS.md)
-    _add_training(demo, stage1_steps=800, stage3_steps=800, sampler="ddim", sampling_steps=1, flips=True,
-                  target="auto")
+    # which raised PSNR and SSIM on every bench case at 1 step (bench/RESULTS.md)
+    _add_training(demo, stage1_steps=800, stage3_steps=800, sampler="ddim", sampling_steps=1, flips=True)
 
     phantom = commands.add_parser("phantom", help="write the synthetic phantom (noisy and truth) as NIfTI")
     phantom.add_argument("--out", required=True, help="folder for noisy.nii.gz, truth.nii.gz and their bval/bvec")

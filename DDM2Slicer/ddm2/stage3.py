@@ -23,7 +23,9 @@ the whole chain and against t* alone, 1..t* scored best (bench/RESULTS.md, fourt
 Signal target (``--target signal``): for Rician noise the mean of the noisy slice lies above the
 signal nu, by sigma sqrt(pi / 2) where nu = 0, so an F trained against the noisy slice learns that
 bias. Trained instead against m^2 - 2 sigma^2 (m: the noisy magnitude), whose mean is nu^2 whatever
-nu is, F estimates the signal itself (``target_error``); sigma is the scan's (``ddm2.noise``).
+nu is, F estimates the signal itself (``target_error``); sigma is the scan's (``ddm2.noise``). F is
+trained on a loss with the same minimiser and the gradient of a damped Newton step (``training_error``),
+since the error of s |s| itself trains F first on the background and then too slowly.
 
 Like Stage I, F can learn its targets' noise on a small scan (6 directions: 48 target slices). The
 pipeline holds Stage I's held-out slices out of Stage III as well and keeps the step of lowest
@@ -79,7 +81,7 @@ def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.T
         inputs, level = training_inputs(noisy, y_bar, condition, states[volumes, slice_index], sqrt_alpha_bar,
                                         randomness)
         output = model(inputs, noise_level=level).float()
-        return torch.mean(target_error(output, noisy, y_bar, None if sigma is None else sigma[volumes]))
+        return torch.mean(training_error(output, noisy, y_bar, None if sigma is None else sigma[volumes]))
 
     return batch_loss
 
@@ -98,11 +100,39 @@ def target_error(output: torch.Tensor, noisy: torch.Tensor, reference: torch.Ten
     """
     if sigma is None:
         return (output - noisy) ** 2
-    level = sigma.to(output.dtype)[:, None, None, None]
-    answer = (output + 1) / 2
-    squared_signal = ((noisy + 1) / 2) ** 2 - 2 * level ** 2
+    answer, squared_signal, level = signal_target_terms(output, noisy, sigma)
     scale = torch.maximum((reference + 1) / 2, level)
     return ((answer * answer.abs() - squared_signal) / scale) ** 2
+
+
+def training_error(output: torch.Tensor, noisy: torch.Tensor, reference: torch.Tensor,
+                   sigma: torch.Tensor | None) -> torch.Tensor:
+    """The per-pixel loss F is trained on: ``target_error`` for the paper's target; for the signal
+    target, a loss with the same minimiser whose gradient is a damped Newton step on s |s| = target.
+
+    The gradient of ``target_error`` itself grows with the cube of F's answer where the signal is
+    small (its error is divided by Stage I's estimate, about sigma there): F's first answers, far off
+    in the background, made its first losses 60 to 400 times the mean target's on a real scan, and F
+    spent its early steps on the background and over-smoothed (bench/RESULTS.md, eighth session).
+    Here the error s |s| - target is divided by w = max(|s|, r, sigma), taken as a constant
+    (detached): the loss's gradient in s is 4 (s |s| - target) / w, which is about 8 (s - nu) near the
+    answer, as the paper's is 8 (s - m), and about 4 s when F is far above a dark target, half the
+    paper's. Since w does not depend on the target's noise, the mean gradient vanishes where s |s| is
+    the target's mean, nu^2, as with ``target_error``.
+    """
+    if sigma is None:
+        return (output - noisy) ** 2
+    answer, squared_signal, level = signal_target_terms(output, noisy, sigma)
+    current = answer.detach()
+    slope = torch.maximum(torch.maximum(current.abs(), (reference + 1) / 2), level)
+    return (2 * (answer - current) + (current * current.abs() - squared_signal) / slope) ** 2
+
+
+def signal_target_terms(output: torch.Tensor, noisy: torch.Tensor,
+                        sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F's answer s, the target m^2 - 2 sigma^2, sigma as (B, 1, 1, 1)), in units of the volume's maximum."""
+    level = sigma.to(output.dtype)[:, None, None, None]
+    return (output + 1) / 2, ((noisy + 1) / 2) ** 2 - 2 * level ** 2, level
 
 
 def slice_triplet(slices: torch.Tensor, estimate: torch.Tensor, volumes: torch.Tensor, slice_index: torch.Tensor,
