@@ -17,7 +17,7 @@ from ddm2.data import group_shells, normalised_shell_slices, restore_shell_volum
 from ddm2.dwi import DWI
 from ddm2.maps import dti_maps
 from ddm2.metrics import score_against_truth
-from ddm2.noise import floor_signal
+from ddm2.noise import SIGNAL_FLOOR, floor_signal
 from ddm2.sampler import denoise_slices
 from ddm2.schedule import DiffusionSchedule
 from ddm2.training import Randomness
@@ -40,9 +40,10 @@ def parse_config(config: str) -> tuple[str, int | None, bool]:
     return name, steps, "flips" in rest
 
 
-def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, float, list[list[np.ndarray]]]:
+def resample(run_dir: Path, noisy: DWI, config: str,
+             signal_floor: float = SIGNAL_FLOOR) -> tuple[np.ndarray, int, float, list[list[np.ndarray]]]:
     """The run's output re-sampled with ``config`` on every denoised shell; other volumes keep their
-    noisy values. Returns (data, F evaluations per slice at the median state, seconds, per denoised
+    noisy values (a signal target's floored at ``signal_floor`` sigma, as the pipeline floors them). Returns (data, F evaluations per slice at the median state, seconds, per denoised
     shell the RMSE curves of its slices in ``normalised_shell_slices`` order)."""
     name, steps, flips = parse_config(config)
     record = json.loads((run_dir / "run.json").read_text())
@@ -76,8 +77,8 @@ def resample(run_dir: Path, noisy: DWI, config: str) -> tuple[np.ndarray, int, f
                                             condition=condition)
         seconds += time.monotonic() - started
         restore_shell_volumes(data, flat.reshape(slices.shape), shell, scales)
-        if "noise_sigma" in record:  # the signal target's estimates, floored as the pipeline floors them
-            floor_signal(data, list(shell.indices), record["noise_sigma"])
+        if "noise_sigma" in record:  # the signal target's estimates
+            floor_signal(data, list(shell.indices), record["noise_sigma"], signal_floor)
         curves.append(shell_curves)
         all_states.append(states)
     median_state = int(np.median(np.concatenate(all_states)))

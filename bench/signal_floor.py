@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from resample import known_truth, resample
 
-from ddm2 import noise
 from ddm2.data import group_shells
 from ddm2.metrics import score_against_truth
+from ddm2.noise import floor_signal
 
 
 def main() -> None:
@@ -37,14 +37,12 @@ def main() -> None:
         record = json.loads((run_dir / "run.json").read_text())
         sigma = record["noise_sigma"]
         noisy, truth, mask, truth_maps = known_truth(run_dir)
-        noise.SIGNAL_FLOOR = 0.0  # resample floors as the pipeline does: here, not at all
-        unfloored = resample(run_dir, noisy, args.config)[0]
+        unfloored = resample(run_dir, noisy, args.config, signal_floor=0.0)[0]
         denoised = [volume for shell in group_shells(noisy.bvals)
                     if record["shells"].get(shell.name, {}).get("denoised") for volume in shell.indices]
         for floor in args.floors:
             data = unfloored.copy()
-            noise.SIGNAL_FLOOR = floor
-            noise.floor_signal(data, denoised, sigma)
+            floor_signal(data, denoised, sigma, floor)
             share = float(np.mean(unfloored[mask][:, denoised] < floor * sigma))
             s = score_against_truth(data, truth.data, truth.bvals, truth.bvecs_voxel(), mask, truth_maps)
             print(f"| {run_dir.name} | {floor:g} | {s['psnr_db']:.2f} / {s['ssim']:.3f} / {s['fa_rmse']:.3f} / "

@@ -64,7 +64,7 @@ def background_sigma(data: np.ndarray, bvals: np.ndarray) -> float:
     return float(np.median(values) / np.sqrt(2.0 * np.log(2.0)))
 
 
-def floor_signal(data: np.ndarray, volumes: list[int], sigma: float) -> None:
-    """Raise the given volumes of (X, Y, Z, N) ``data`` to at least ``SIGNAL_FLOOR`` sigma, in place."""
+def floor_signal(data: np.ndarray, volumes: list[int], sigma: float, floor: float = SIGNAL_FLOOR) -> None:
+    """Raise the given volumes of (X, Y, Z, N) ``data`` to at least ``floor`` sigma, in place."""
     for volume in volumes:
-        np.maximum(data[..., volume], SIGNAL_FLOOR * sigma, out=data[..., volume])
+        np.maximum(data[..., volume], floor * sigma, out=data[..., volume])

@@ -722,8 +722,13 @@ def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, rep
                              "another --out")
         record, stored = {}, None
 
-    # a resumed run keeps its own target (below); a scan with no noise to measure is refused before anything
-    sigma, noise_note = scan_noise_sigma(dwi, stored or settings)
+    # a resumed run keeps its own target (below) and noise level; a scan with no noise to measure is refused
+    # before anything
+    if "noise_sigma" in record:
+        sigma = record["noise_sigma"]
+        noise_note = f"noise sigma {sigma:.4g} (the run's): Stage III estimates the signal"
+    else:
+        sigma, noise_note = scan_noise_sigma(dwi, stored or settings)
     if sigma is not None:
         record["noise_sigma"] = sigma
     torch_device = distributed.rank_device(resolve_device(device, reporter))
