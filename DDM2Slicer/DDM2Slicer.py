@@ -517,11 +517,9 @@ class DDM2SlicerLogic(ScriptedLoadableModuleLogic):
 class DDM2SlicerTest(ScriptedLoadableModuleTest):
     """Runs the whole flow on a tiny synthetic DWI with CPU settings (seconds to a minute)."""
 
-    # The smallest run that still goes through every stage. The engine's default sampler walks every
-    # state from t*, minutes on a CPU even for this DWI; a few DDIM steps keep the test short.
-    fastSampling = ("--sampler", "ddim", "--sampling-steps", "3")
+    # The smallest run that still goes through every stage (the quick preview samples with one step).
     tinySettings = engine.DenoiseSettings(neighbours=2, stage1Steps=2, stage3Steps=2, preset="quick preview",
-                                          device="CPU", seed=0, extraArguments=fastSampling)
+                                          device="CPU", seed=0)
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
@@ -599,7 +597,7 @@ class DDM2SlicerTest(ScriptedLoadableModuleTest):
         logic = DDM2SlicerLogic()
         # Enough steps that Cancel lands mid-training, few enough for a CPU test.
         settings = engine.DenoiseSettings(neighbours=2, stage1Steps=100, stage3Steps=50, preset="quick preview",
-                                          device="CPU", seed=0, extraArguments=self.fastSampling)
+                                          device="CPU", seed=0)
         events = []
         job = logic.startDenoising(inputNode, settings, onEvent=events.append, useTimer=False)
         while job.poll() and not any(event.get("stage") == "stage1" for event in events):

@@ -55,10 +55,13 @@ def run_cli(args: list[str], capsys) -> tuple[int, list[dict], str]:
 
 def test_denoise_writes_every_output_of_the_contract(tiny_input, tmp_path, capsys):
     before = digest(tiny_input)
+    handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
     out = tmp_path / "run"
     code, events, _ = run_cli(["denoise", str(tiny_input), "--out", str(out), "--progress", "json", *TINY,
                                "--stage3-condition", "stage1", "--no-report"], capsys)
     assert code == EXIT_OK
+    # a Python session that ran the engine gets its Ctrl-C back (the run's handlers only cancel a run)
+    assert [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)] == handlers
     assert digest(tiny_input) == before  # the input is never written
     for name in CONTRACT_OUTPUTS:
         assert (out / name).is_file(), name
@@ -164,10 +167,24 @@ def test_a_second_run_into_the_same_directory_is_refused(tiny_input, tmp_path, c
     assert code == EXIT_BAD_INPUT and "--resume" in err
 
 
+def test_ctrl_c_during_a_run_requests_a_cancel_instead_of_interrupting(tmp_path):
+    from ddm2.progress import Cancelled, CancelToken
+
+    token = CancelToken(tmp_path)
+    with token.signals_handled():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # Python runs the handler between bytecodes of the main thread
+        with pytest.raises(Cancelled):
+            token.check()  # the next step's check stops the run, with a checkpoint
+    with pytest.raises(KeyboardInterrupt):  # and afterwards Ctrl-C interrupts again
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+
+
 def _start_worker(tiny_input: Path, out: Path, extra: list[str]) -> subprocess.Popen:
     args = [sys.executable, "-m", "ddm2", "denoise", str(tiny_input), "--out", str(out), "--progress", "json",
             "--stage1-steps", "6", "--stage3-steps", "400", "--checkpoint-every", "5", "--sampler", "ddim",
-            "--sampling-steps", "2", "--device", "cpu", "--no-report", *extra]
+            "--sampling-steps", "2", "--no-flips", "--device", "cpu", "--no-report", *extra]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -197,7 +214,8 @@ def test_a_run_killed_mid_stage3_resumes_and_completes(tiny_input, tmp_path):
     assert "stage1 [b1000]: resuming" not in resumed.stderr  # Stage I's estimate is reused, not retrained
     # the resumed run keeps its own settings and says which of the command line's it did not apply
     assert "resuming with the run's own settings; not applied: stage1_steps 1000 (the run's: 6), " \
-           "stage3_steps 1000 (the run's: 400), sampler ddpm (the run's: ddim)" in resumed.stderr
+           "stage3_steps 1000 (the run's: 400), sampling_steps 1 (the run's: 2), flips True (the run's: False)" \
+           in resumed.stderr
     events = [json.loads(line) for line in resumed.stdout.splitlines()]
     first_stage3 = next(e for e in events if e.get("stage") == "stage3")
     assert first_stage3["step"] > 10
@@ -300,7 +318,7 @@ def test_real_scan_denoises_into_every_output(tmp_path):
     before = digest(PHILIPS)
     completed = subprocess.run([sys.executable, "-m", "ddm2", "denoise", str(PHILIPS), "--out", str(out),
                                 "--stage1-steps", "10", "--stage3-steps", "10", "--sampler", "ddim",
-                                "--sampling-steps", "2", "--device", "cpu", "--progress", "json"],
+                                "--sampling-steps", "2", "--no-flips", "--device", "cpu", "--progress", "json"],
                                capture_output=True, text=True, timeout=900,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert completed.returncode == EXIT_OK, completed.stderr

@@ -54,7 +54,8 @@ def test_command_line_follows_the_engine_contract(tmp_path):
                                       device="GPU", seed=7)
     command = engine.denoiseCommand("PythonSlicer", tmp_path / "in.nrrd", tmp_path / "run", settings, resume=True)
     assert command == ["PythonSlicer", "-m", "ddm2", "denoise", str(tmp_path / "in.nrrd"), "--out", str(tmp_path / "run"),
-                       "--n", "3", "--stage1-steps", "10", "--stage3-steps", "20", "--preset", "paper", "--sampler", "ddpm",
+                       "--n", "3", "--stage1-steps", "10", "--stage3-steps", "20", "--preset", "paper",
+                       "--sampler", "ddpm", "--no-flips",
                        "--device", "cuda", "--seed", "7", "--progress", "json", "--resume"]
     environment = engine.engineEnvironment({"PYTHONPATH": "/elsewhere"}, forceCpu=True)
     assert environment["PYTHONPATH"].split(":")[0] == str(ROOT / "DDM2Slicer")

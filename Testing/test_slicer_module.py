@@ -23,9 +23,6 @@ import DDM2Slicer as module  # noqa: E402
 from DDM2SlicerLib import engine, jobs, scene, views  # noqa: E402
 from PySide6 import QtWidgets  # noqa: E402
 
-# The engine's default sampler walks every state from t*: minutes on a CPU even for 16x16 slices.
-FAST_SAMPLING = ("--sampler", "ddim", "--sampling-steps", "3")
-
 
 def spinUntil(condition, timeout: float) -> None:
     """Run the Qt event loop (the module's timers) until ``condition()`` holds."""
@@ -51,8 +48,7 @@ def panelRun():
     ui.stage3StepsSpinBox.value = 2
     ui.deviceComboBox.currentIndex = list(engine.DEVICE_ARGUMENTS).index("CPU")
     settingsFromPanel = widget.currentSettings
-    widget.currentSettings = lambda: engine.DenoiseSettings(**{**vars(settingsFromPanel()), "seed": 0,
-                                                               "extraArguments": FAST_SAMPLING})
+    widget.currentSettings = lambda: engine.DenoiseSettings(**{**vars(settingsFromPanel()), "seed": 0})
     events = []
     showEvent = widget.onEngineEvent
     widget.onEngineEvent = lambda event: (events.append(event), showEvent(event))

@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--target", default="auto", choices=["auto", "signal", "mean"], help="as ddm2's")
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--sampling-steps", type=int, default=5)
+    parser.add_argument("--flips", action=argparse.BooleanOptionalAction, default=False,
+                        help="the run's sampler averages over the 4 flips (default off here, as in every "
+                             "recorded command; ddm2's default is on: score it with --extra-samplers ddim:1:flips)")
     parser.add_argument("--extra-samplers", nargs="*", default=[], help="e.g. ddpm ddim:20:flips")
     parser.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
     parser.add_argument("--device", default="auto")
@@ -118,7 +121,7 @@ def main() -> None:
         settings = Settings(n=n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, method=method,
                             holdout=args.holdout, target=args.target,
                             stage3_condition=args.stage3_condition, sampler=args.sampler,
-                            sampling_steps=args.sampling_steps, save_stage1=True)
+                            sampling_steps=args.sampling_steps, flips=args.flips, save_stage1=True)
         condition = args.stage3_condition
         # runs of the paper's F keep the names they had before the conditioned F existed
         suffix = {"none": "", "stage1": "-conditioned", "auto": "-auto"}[condition]

@@ -248,6 +248,7 @@ def speed(args, device: torch.device) -> dict:
         input_path, args.out / "run", args,
         ["--device", args.device, "--preset", args.preset, "--stage1-steps", str(stage1_steps),
          "--stage3-steps", str(stage3_steps), "--sampler", "ddim", "--sampling-steps", str(args.sampling_steps),
+         "--no-flips",
          "--inference-batch", str(args.inference_batch), *(["--compile"] if args.compile else [])])
     return figures
 
@@ -262,7 +263,7 @@ def memory_check(args) -> dict:
     baseline = engine_baseline_rss("small", args.tiny_network)
     result = whole_pipeline(input_path, args.out / "run", args,
                             ["--device", "cpu", "--preset", "small", "--stage1-steps", "1", "--stage3-steps", "1",
-                             "--sampler", "ddim", "--sampling-steps", "1",
+                             "--sampler", "ddim", "--sampling-steps", "1", "--no-flips",
                              *(["--tiny-network"] if args.tiny_network else [])])
     figures = {"input": {"shape": [128, 128, 64, 193], "gb_float32": round(128 * 128 * 64 * 193 * 4 / 2 ** 30, 2)},
                "tiny_network": args.tiny_network, "engine_and_networks_rss_gb": round(baseline, 2), "pipeline": result,

@@ -20,9 +20,8 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bvec", help="FSL b-vector file (default: INPUT's stem + .bvec)")
 
 
-def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_steps: int,
-                  sampler: str = "ddpm", sampling_steps: int = 20, flips: bool = False) -> None:
-    from ddm2.pipeline import METHODS, STAGE3_CONDITIONS
+def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_steps: int) -> None:
+    from ddm2.pipeline import METHODS, STAGE3_CONDITIONS, Settings
     from ddm2.sampler import SAMPLERS
 
     group = parser.add_argument_group("method")
@@ -55,14 +54,16 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--noise-sigma", type=float, default=0.0,
                        help="the noise's sigma in the input's units for --target signal (default: measured on the "
                             "background outside the head)")
-    group.add_argument("--sampler", choices=SAMPLERS, default=sampler,
-                       help=f"ddpm: every state from t* (the paper); ddim: --sampling-steps deterministic steps "
-                            f"(default {sampler})")
-    group.add_argument("--sampling-steps", type=int, default=sampling_steps,
-                       help=f"steps of the ddim sampler (default {sampling_steps})")
-    group.add_argument("--flips", action=argparse.BooleanOptionalAction, default=flips,
-                       help=f"average F over the 4 flips of each slice at every step: 4x the evaluations, "
-                            f"measured +0.02 to +0.19 dB with 1 ddim step (default {'on' if flips else 'off'})")
+    defaults = Settings()
+    group.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler,
+                       help="ddim (default): --sampling-steps deterministic steps from t*; ddpm: every state from "
+                            "t* (the paper's chain; the worst sampler measured at CPU training lengths)")
+    group.add_argument("--sampling-steps", type=int, default=defaults.sampling_steps,
+                       help=f"steps of the ddim sampler (default {defaults.sampling_steps}: F's prediction of the "
+                            "clean slice from t*)")
+    group.add_argument("--flips", action=argparse.BooleanOptionalAction, default=defaults.flips,
+                       help="average F over the 4 flips of each slice at every step: 4x the evaluations, "
+                            "measured +0.02 to +0.42 dB with 1 ddim step (default on)")
     group.add_argument("--batch-size", type=int, default=0, help="training batch (default: 32 paper, 8 small)")
     group.add_argument("--learning-rate", type=float, default=0.0, help="Adam rate (default: 1e-4 paper, 1e-3 small)")
     group.add_argument("--inference-batch", type=int, default=0,
@@ -114,10 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--snr", type=float, default=10.0, help="phantom SNR (default 10)")
     demo.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
-    # CPU-sized: step counts that finish in minutes on two cores, and one ddim step (F's prediction of the
-    # clean slice from t*), which scored best on PSNR on every bench case, averaged over the 4 flips,
-    # which raised PSNR and SSIM on every bench case at 1 step (bench/RESULTS.md)
-    _add_training(demo, stage1_steps=800, stage3_steps=800, sampler="ddim", sampling_steps=1, flips=True)
+    # CPU-sized: step counts that finish in minutes on two cores
+    _add_training(demo, stage1_steps=800, stage3_steps=800)
 
     phantom = commands.add_parser("phantom", help="write the synthetic phantom (noisy and truth) as NIfTI")
     phantom.add_argument("--out", required=True, help="folder for noisy.nii.gz, truth.nii.gz and their bval/bvec")

@@ -65,6 +65,11 @@ def process_group(device: torch.device) -> Iterator[None]:
         # every rank has read and checked the run directory before rank 0 starts writing into it
         dist.barrier()
         yield
+        # and every rank leaves together: the others wait while rank 0 writes the outputs, so that no
+        # rank tears its gloo connections down while a peer still holds its end (a rank that left
+        # early aborted once at exit, after a complete run). A rank that raises skips this; torchrun
+        # then stops the others.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -7,12 +7,14 @@ rank 0 emits events and progress; the other ranks' logs carry their rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -39,12 +41,24 @@ class CancelToken:
         self.agree = agree
         self._signalled = False
 
-    def install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def signals_handled(self) -> Iterator[None]:
+        """For the duration, SIGTERM (a scheduler's stop) and SIGINT (Ctrl-C) request a cancel; then the
+        previous handlers come back, so that a Python session that ran the engine keeps its Ctrl-C.
+        Python takes signals in the main thread only: elsewhere the cancel file alone works."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
         def request(signum, frame):  # noqa: ARG001 - signal handler signature
             self._signalled = True
 
-        signal.signal(signal.SIGTERM, request)
-        signal.signal(signal.SIGINT, request)
+        previous = {number: signal.signal(number, request) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():  # None: a handler not set from Python
+                signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
     def clear(self) -> None:
         """Forget an old request (a resumed run must not stop at once)."""

@@ -1,0 +1,60 @@
+"""The background's noise sigma (``ddm2.noise.background_sigma``) against the spread of repeated b0s.
+
+    python bench/b0_repeat_sigma.py ../shared/data/philips-dwi/philips_dwi.nii.gz
+
+Where the signal is high, Rician noise is Gaussian with the same sigma, so the standard deviation of
+a voxel over repeated b0 volumes measures sigma plus any physiological or motion fluctuation: an upper
+bound on the thermal sigma that the signal target needs. The b0s are scaled to a common mean in the
+brain first (the first b0 of a scan is often darker), and the first is left out for that reason.
+Prints the background's figures (its share of zeros, its non-zero values' mean/median against a
+Rayleigh's 1.0645) and the b0 spread in ten bins of b0 signal inside the brain.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ddm2 import dwi as dwi_io
+from ddm2.maps import brain_mask
+from ddm2.noise import BACKGROUND_MARGIN, background_sigma, background_values
+
+B0_THRESHOLD = 50.0
+RAYLEIGH_MEAN_OVER_MEDIAN = np.sqrt(np.pi / 2) / np.sqrt(2 * np.log(2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", type=Path, help="a DWI with three or more b0 volumes")
+    args = parser.parse_args()
+    dwi = dwi_io.load(args.input)
+    data = np.asarray(dwi.data, dtype=np.float64)
+    mask = brain_mask(data, dwi.bvals)
+    outside = ~ndimage.binary_dilation(mask, iterations=BACKGROUND_MARGIN)
+    values = background_values(data, dwi.bvals)
+    print(f"background: {(data[outside] == 0).mean():.0%} zeros; non-zero mean/median "
+          f"{values.mean() / np.median(values):.3f} (Rayleigh {RAYLEIGH_MEAN_OVER_MEDIAN:.4f}); "
+          f"sigma {background_sigma(data, dwi.bvals):.1f}")
+
+    b0 = data[..., dwi.bvals < B0_THRESHOLD][..., 1:]
+    if b0.shape[-1] < 2:
+        raise SystemExit(f"{args.input} has {b0.shape[-1] + 1} b0 volume(s): this check needs three or more")
+    brain_means = np.array([b0[..., k][mask].mean() for k in range(b0.shape[-1])])
+    b0 *= brain_means.mean() / brain_means
+    mean, spread = b0.mean(-1), b0.std(-1, ddof=1)
+    # the median of a sample standard deviation of k Gaussian values lies below sigma; this factor
+    # (simulated once per k) makes it an estimate of sigma
+    rng = np.random.default_rng(0)
+    median_factor = np.median(rng.standard_normal((200_000, b0.shape[-1])).std(-1, ddof=1))
+    edges = np.quantile(mean[mask], np.linspace(0, 1, 11))
+    print(f"b0 spread over {b0.shape[-1]} b0s, in bins of b0 signal inside the brain:")
+    for low, high in zip(edges[:-1], edges[1:]):
+        chosen = mask & (mean >= low) & (mean < high)
+        print(f"  b0 {low:9.0f} - {high:9.0f}: sigma {np.median(spread[chosen]) / median_factor:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
