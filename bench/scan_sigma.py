@@ -1,13 +1,16 @@
-"""The background's noise sigma (``ddm2.noise.background_sigma``) against the spread of repeated b0s.
+"""A real scan's noise sigma three ways: the background's (``ddm2.noise.background_sigma``), the
+spread of its repeated b0s, and dipy's MP-PCA noise map inside the brain (``--mppca``).
 
-    python bench/b0_repeat_sigma.py ../shared/data/philips-dwi/philips_dwi.nii.gz
+    python bench/scan_sigma.py ../shared/data/philips-dwi/philips_dwi.nii.gz --mppca
 
 Where the signal is high, Rician noise is Gaussian with the same sigma, so the standard deviation of
 a voxel over repeated b0 volumes measures sigma plus any physiological or motion fluctuation: an upper
 bound on the thermal sigma that the signal target needs. The b0s are scaled to a common mean in the
 brain first (the first b0 of a scan is often darker), and the first is left out for that reason.
 Prints the background's figures (its share of zeros, its non-zero values' mean/median against a
-Rayleigh's 1.0645) and the b0 spread in ten bins of b0 signal inside the brain.
+Rayleigh's 1.0645) and the b0 spread in ten bins of b0 signal inside the brain. MP-PCA's noise map
+(``dipy.denoise.localpca.mppca(..., return_sigma=True)``, 5 x 5 x 5 patches) measures the noise where
+the signal is, from the data's own redundancy; it takes minutes on a large scan.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ RAYLEIGH_MEAN_OVER_MEDIAN = np.sqrt(np.pi / 2) / np.sqrt(2 * np.log(2))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", type=Path, help="a DWI with three or more b0 volumes")
+    parser.add_argument("--mppca", action="store_true", help="also dipy's MP-PCA noise map inside the brain")
     args = parser.parse_args()
     dwi = dwi_io.load(args.input)
     data = np.asarray(dwi.data, dtype=np.float64)
@@ -54,6 +58,12 @@ def main() -> None:
     for low, high in zip(edges[:-1], edges[1:]):
         chosen = mask & (mean >= low) & (mean < high)
         print(f"  b0 {low:9.0f} - {high:9.0f}: sigma {np.median(spread[chosen]) / median_factor:8.1f}")
+    if args.mppca:
+        from dipy.denoise.localpca import mppca
+
+        sigma_map = mppca(data, patch_radius=2, return_sigma=True)[1][mask]
+        quartiles = np.quantile(sigma_map, [0.25, 0.5, 0.75])
+        print("MP-PCA noise map inside the brain: median {1:.1f} (quartiles {0:.1f}, {2:.1f})".format(*quartiles))
 
 
 if __name__ == "__main__":
