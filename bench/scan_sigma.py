@@ -2,6 +2,8 @@
 spread of its repeated b0s, and dipy's MP-PCA noise map inside the brain (``--mppca``).
 
     python bench/scan_sigma.py ../shared/data/philips-dwi/philips_dwi.nii.gz --mppca
+    python bench/scan_sigma.py RUN/phantom/noisy.nii.gz --mppca --truth RUN/phantom/truth.nii.gz \
+        --mask RUN/phantom/mask.nii.gz --snr 10      # a known-truth bench run: how far each estimate is off
 
 Where the signal is high, Rician noise is Gaussian with the same sigma, so the standard deviation of
 a voxel over repeated b0 volumes measures sigma plus any physiological or motion fluctuation: an upper
@@ -18,12 +20,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from ddm2 import dwi as dwi_io
 from ddm2.maps import brain_mask
 from ddm2.noise import BACKGROUND_MARGIN, background_sigma, background_values
+from ddm2.phantom import noise_level
 
 B0_THRESHOLD = 50.0
 RAYLEIGH_MEAN_OVER_MEDIAN = np.sqrt(np.pi / 2) / np.sqrt(2 * np.log(2))
@@ -31,21 +35,38 @@ RAYLEIGH_MEAN_OVER_MEDIAN = np.sqrt(np.pi / 2) / np.sqrt(2 * np.log(2))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", type=Path, help="a DWI with three or more b0 volumes")
+    parser.add_argument("input", type=Path, help="a DWI (the b0 spread needs three or more b0 volumes)")
     parser.add_argument("--mppca", action="store_true", help="also dipy's MP-PCA noise map inside the brain")
+    parser.add_argument("--truth", type=Path, help="a known-truth run's truth: print the sigma its noise was made with")
+    parser.add_argument("--mask", type=Path, help="with --truth: the mask its SNR was defined in")
+    parser.add_argument("--snr", type=float, help="with --truth: the SNR its noise was made with")
     args = parser.parse_args()
     dwi = dwi_io.load(args.input)
     data = np.asarray(dwi.data, dtype=np.float64)
     mask = brain_mask(data, dwi.bvals)
+    if args.truth:
+        truth = dwi_io.load(args.truth)
+        snr_mask = nib.load(str(args.mask)).get_fdata() > 0.5
+        print(f"truth: sigma {noise_level(truth.data, truth.bvals, snr_mask, args.snr):.1f}")
     outside = ~ndimage.binary_dilation(mask, iterations=BACKGROUND_MARGIN)
     values = background_values(data, dwi.bvals)
     print(f"background: {(data[outside] == 0).mean():.0%} zeros; non-zero mean/median "
           f"{values.mean() / np.median(values):.3f} (Rayleigh {RAYLEIGH_MEAN_OVER_MEDIAN:.4f}); "
           f"sigma {background_sigma(data, dwi.bvals):.1f}")
+    print_b0_spread(data, dwi.bvals, mask)
+    if args.mppca:
+        from dipy.denoise.localpca import mppca
 
-    b0 = data[..., dwi.bvals < B0_THRESHOLD][..., 1:]
+        sigma_map = mppca(data, patch_radius=2, return_sigma=True)[1][mask]
+        quartiles = np.quantile(sigma_map, [0.25, 0.5, 0.75])
+        print("MP-PCA noise map inside the brain: median {1:.1f} (quartiles {0:.1f}, {2:.1f})".format(*quartiles))
+
+
+def print_b0_spread(data: np.ndarray, bvals: np.ndarray, mask: np.ndarray) -> None:
+    b0 = data[..., bvals < B0_THRESHOLD][..., 1:]
     if b0.shape[-1] < 2:
-        raise SystemExit(f"{args.input} has {b0.shape[-1] + 1} b0 volume(s): this check needs three or more")
+        print(f"b0 spread: {b0.shape[-1] + 1} b0 volume(s), three or more needed")
+        return
     brain_means = np.array([b0[..., k][mask].mean() for k in range(b0.shape[-1])])
     b0 *= brain_means.mean() / brain_means
     mean, spread = b0.mean(-1), b0.std(-1, ddof=1)
@@ -58,12 +79,6 @@ def main() -> None:
     for low, high in zip(edges[:-1], edges[1:]):
         chosen = mask & (mean >= low) & (mean < high)
         print(f"  b0 {low:9.0f} - {high:9.0f}: sigma {np.median(spread[chosen]) / median_factor:8.1f}")
-    if args.mppca:
-        from dipy.denoise.localpca import mppca
-
-        sigma_map = mppca(data, patch_radius=2, return_sigma=True)[1][mask]
-        quartiles = np.quantile(sigma_map, [0.25, 0.5, 0.75])
-        print("MP-PCA noise map inside the brain: median {1:.1f} (quartiles {0:.1f}, {2:.1f})".format(*quartiles))
 
 
 if __name__ == "__main__":
