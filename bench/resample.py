@@ -43,8 +43,9 @@ def parse_config(config: str) -> tuple[str, int | None, bool]:
 def resample(run_dir: Path, noisy: DWI, config: str,
              signal_floor: float = SIGNAL_FLOOR) -> tuple[np.ndarray, int, float, list[list[np.ndarray]]]:
     """The run's output re-sampled with ``config`` on every denoised shell; other volumes keep their
-    noisy values (a signal target's floored at ``signal_floor`` sigma, as the pipeline floors them). Returns (data, F evaluations per slice at the median state, seconds, per denoised
-    shell the RMSE curves of its slices in ``normalised_shell_slices`` order)."""
+    noisy values (a signal target's floored at ``signal_floor`` sigma, as the pipeline floors them).
+    Returns (data, F evaluations per slice at the median state, seconds, per denoised shell the RMSE
+    curves of its slices in ``normalised_shell_slices`` order)."""
     name, steps, flips = parse_config(config)
     record = json.loads((run_dir / "run.json").read_text())
     scales = volume_scales(noisy.data)

@@ -29,7 +29,6 @@ from ddm2.maps import brain_mask
 from ddm2.noise import BACKGROUND_MARGIN, background_sigma, background_values
 from ddm2.phantom import noise_level
 
-B0_THRESHOLD = 50.0
 RAYLEIGH_MEAN_OVER_MEDIAN = np.sqrt(np.pi / 2) / np.sqrt(2 * np.log(2))
 
 
@@ -53,7 +52,7 @@ def main() -> None:
     print(f"background: {(data[outside] == 0).mean():.0%} zeros; non-zero mean/median "
           f"{values.mean() / np.median(values):.3f} (Rayleigh {RAYLEIGH_MEAN_OVER_MEDIAN:.4f}); "
           f"sigma {background_sigma(data, dwi.bvals):.1f}")
-    print_b0_spread(data, dwi.bvals, mask)
+    print_b0_spread(data[..., dwi.b0_mask], mask)
     if args.mppca:
         from dipy.denoise.localpca import mppca
 
@@ -62,8 +61,8 @@ def main() -> None:
         print("MP-PCA noise map inside the brain: median {1:.1f} (quartiles {0:.1f}, {2:.1f})".format(*quartiles))
 
 
-def print_b0_spread(data: np.ndarray, bvals: np.ndarray, mask: np.ndarray) -> None:
-    b0 = data[..., bvals < B0_THRESHOLD][..., 1:]
+def print_b0_spread(b0_volumes: np.ndarray, mask: np.ndarray) -> None:
+    b0 = b0_volumes[..., 1:]
     if b0.shape[-1] < 2:
         print(f"b0 spread: {b0.shape[-1] + 1} b0 volume(s), three or more needed")
         return

@@ -24,37 +24,38 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     from ddm2.pipeline import METHODS, STAGE3_CONDITIONS, Settings
     from ddm2.sampler import SAMPLERS
 
+    defaults = Settings()
     group = parser.add_argument_group("method")
-    group.add_argument("--n", type=int, default=2, help="neighbour volumes fed to Stage I (default 2)")
+    group.add_argument("--n", type=int, default=defaults.n,
+                       help=f"neighbour volumes fed to Stage I (default {defaults.n})")
     group.add_argument("--stage1-steps", type=int, default=stage1_steps, help=f"Stage I steps (default {stage1_steps})")
     group.add_argument("--stage3-steps", type=int, default=stage3_steps,
                        help=f"Stage III steps (default {stage3_steps})")
-    group.add_argument("--preset", choices=["auto", "paper", "small"], default="auto",
+    group.add_argument("--preset", choices=["auto", "paper", "small"], default=defaults.preset,
                        help="network size: paper (24 M parameters) or small; auto: paper on CUDA, small on CPU")
-    group.add_argument("--method", choices=METHODS, default="directional",
+    group.add_argument("--method", choices=METHODS, default=defaults.method,
                        help="directional (default): Stage I is told the gradient directions and uses the "
                             "angularly closest volumes; paper: adjacent volumes, no directions")
-    group.add_argument("--context-slices", type=int, choices=[0, 1], default=1,
+    group.add_argument("--context-slices", type=int, choices=[0, 1], default=defaults.context_slices,
                        help="directional method: Stage I also sees slices z-1 and z+1 of the neighbours and "
                             "of the target volume (default 1; 0: the paper's single slice)")
-    group.add_argument("--holdout", "--stage1-holdout", type=_share, default=0.1,
+    group.add_argument("--holdout", "--stage1-holdout", type=_share, default=defaults.holdout,
                        help="share of each shell's slices Stage I and Stage III do not train on; each stage's loss "
                             "on them picks its training step to keep (default 0.1; 0: every slice, the last "
                             "steps, as the paper). --stage1-holdout is its earlier name")
-    group.add_argument("--stage3-condition", choices=STAGE3_CONDITIONS, default="auto",
+    group.add_argument("--stage3-condition", choices=STAGE3_CONDITIONS, default=defaults.stage3_condition,
                        help="stage1: Stage III's network also sees Stage I's estimate of the slice (a shell needs "
                             "2n + 1 volumes); none: only the noisy slice, as in the paper (default auto: stage1 for "
                             "shells of 30 or more directions with the directional method, none otherwise)")
-    group.add_argument("--target", choices=["auto", "signal", "mean"], default="auto",
+    group.add_argument("--target", choices=["auto", "signal", "mean"], default=defaults.target,
                        help="what Stage III estimates: signal: the noise-free signal (Rician bias removed; needs "
                             "the noise level, measured outside the head or given with --noise-sigma); mean: the "
                             "mean of the noisy data, which Rician noise lifts above the signal where it is low "
                             "(the paper); auto (default): signal where the noise level is given or measurable, "
                             "mean otherwise")
-    group.add_argument("--noise-sigma", type=float, default=0.0,
+    group.add_argument("--noise-sigma", type=float, default=defaults.noise_sigma,
                        help="the noise's sigma in the input's units for --target signal (default: measured on the "
                             "background outside the head)")
-    defaults = Settings()
     group.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler,
                        help="ddim (default): --sampling-steps deterministic steps from t*; ddpm: every state from "
                             "t* (the paper's chain; the worst sampler measured at CPU training lengths)")
@@ -64,11 +65,13 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--flips", action=argparse.BooleanOptionalAction, default=defaults.flips,
                        help="average F over the 4 flips of each slice at every step: 4x the evaluations, "
                             "measured +0.02 to +0.42 dB with 1 ddim step (default on)")
-    group.add_argument("--batch-size", type=int, default=0, help="training batch (default: 32 paper, 8 small)")
-    group.add_argument("--learning-rate", type=float, default=0.0, help="Adam rate (default: 1e-4 paper, 1e-3 small)")
-    group.add_argument("--inference-batch", type=int, default=0,
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="training batch (default: 32 paper, 8 small)")
+    group.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                       help="Adam rate (default: 1e-4 paper, 1e-3 small)")
+    group.add_argument("--inference-batch", type=int, default=defaults.inference_batch,
                        help="slices per inference batch (default 64 on a GPU, 16 on CPU)")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=defaults.seed)
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:K")
     run.add_argument("--compile", action="store_true",

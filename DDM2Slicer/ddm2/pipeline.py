@@ -618,7 +618,7 @@ def scan_noise_sigma(dwi: DWI, settings: Settings) -> tuple[float | None, str]:
     if settings.target == "mean":
         return None, "Stage III estimates the noisy data's mean (--target mean)"
     if settings.noise_sigma:
-        return settings.noise_sigma, f"noise sigma {settings.noise_sigma:.4g} (given): Stage III estimates the signal"
+        return settings.noise_sigma, signal_target_note(settings.noise_sigma, "given")
     try:
         sigma = background_sigma(dwi.data, dwi.bvals)
     except NoBackground as error:
@@ -626,7 +626,11 @@ def scan_noise_sigma(dwi: DWI, settings: Settings) -> tuple[float | None, str]:
             raise
         return None, (f"no noise level to measure ({error.measured}): Stage III estimates the noisy data's mean, "
                       "as in the paper. Give --noise-sigma to have it estimate the signal")
-    return sigma, f"noise sigma {sigma:.4g} (measured on the background): Stage III estimates the signal"
+    return sigma, signal_target_note(sigma, "measured on the background")
+
+
+def signal_target_note(sigma: float, source: str) -> str:
+    return f"noise sigma {sigma:.4g} ({source}): Stage III estimates the signal"
 
 
 def write_maps(dwi: DWI, mask: np.ndarray, out_dir: Path,
@@ -729,7 +733,7 @@ def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, rep
     # before anything
     if "noise_sigma" in record:
         sigma = record["noise_sigma"]
-        noise_note = f"noise sigma {sigma:.4g} (the run's): Stage III estimates the signal"
+        noise_note = signal_target_note(sigma, "the run's")
     else:
         sigma, noise_note = scan_noise_sigma(dwi, stored or settings)
     if sigma is not None:
