@@ -57,11 +57,12 @@ class DDM2SlicerParameterNode:
     """The panel's state, saved with the scene."""
 
     inputVolume: vtkMRMLDiffusionWeightedVolumeNode
-    neighbours: Annotated[int, WithinRange(1, 10)] = 2
+    neighbours: Annotated[int, WithinRange(0, 10)] = 0  # 0: auto
     stage1Steps: Annotated[int, WithinRange(1, 1000000)] = engine.PRESET_STEPS["quick preview"][0]
     stage3Steps: Annotated[int, WithinRange(1, 1000000)] = engine.PRESET_STEPS["quick preview"][1]
     preset: Annotated[str, Choice(list(engine.PRESET_ARGUMENTS))] = "quick preview"
     device: Annotated[str, Choice(list(engine.DEVICE_ARGUMENTS))] = "auto"
+    noiseSigma: Annotated[float, WithinRange(0.0, 1.0e9)] = 0.0
     outputVolume: vtkMRMLDiffusionWeightedVolumeNode
     residualVolume: vtkMRMLScalarVolumeNode
     faVolume: vtkMRMLScalarVolumeNode
@@ -82,6 +83,7 @@ class DDM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._dependenciesChecked = False
         self._lastPreset = None
+        self._warnings: list[str] = []  # the engine's, of the run in progress: shown with its results
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -202,6 +204,7 @@ class DDM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         parameters = self._parameterNode
         self.ui.statusLabel.text = ""
+        self._warnings = []
         self.ui.progressBar.value = 0
         self.ui.progressBar.format = _("Starting...")
         self.ui.progressBar.show()
@@ -221,6 +224,8 @@ class DDM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=event.get("device", "?"), folder=event.get("run_dir", "?")))
         elif event["event"] == "error":
             self.appendLog(_("Engine error: {message}").format(message=event.get("message", "")))
+        elif event["event"] == "warning":  # the log box has it already, from the engine's log
+            self._warnings.append(event.get("message", ""))
 
     def onDenoisingFinished(self, result: jobs.JobResult) -> None:
         parameters = self._parameterNode
@@ -236,7 +241,9 @@ class DDM2SlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameters.mapsInputVolume = nodes["denoised"]
                 self.ui.progressBar.value = 100
                 self.ui.progressBar.format = _("Done")
-                self.ui.statusLabel.text = _("Denoised: the results are in the scene.")
+                self.ui.statusLabel.text = " ".join(
+                    [_("Denoised: the results are in the scene.")]
+                    + [_("Check: {warning}.").format(warning=warning) for warning in self._warnings])
         elif result.state == jobs.CANCELLED:
             self.ui.progressBar.format = _("Cancelled: press Resume to continue")
             self.ui.statusLabel.text = _("Cancelled; the run can be resumed.")
@@ -307,7 +314,7 @@ class DDM2SlicerLogic(ScriptedLoadableModuleLogic):
     def settingsFromParameterNode(parameters: DDM2SlicerParameterNode) -> engine.DenoiseSettings:
         return engine.DenoiseSettings(neighbours=parameters.neighbours, stage1Steps=parameters.stage1Steps,
                                       stage3Steps=parameters.stage3Steps, preset=parameters.preset,
-                                      device=parameters.device)
+                                      device=parameters.device, noiseSigma=parameters.noiseSigma)
 
     def log(self, text: str) -> None:
         if self.logCallback:

@@ -7,7 +7,7 @@ import pytest
 
 from ddm2.data import (adjacent_neighbours, angular_neighbours, denormalise_volumes, gradient_features,
                        group_shells, neighbour_table, normalise_volumes, normalised_shell_slices, restore_shell_volumes,
-                       shell_slices)
+                       shell_neighbour_count, shell_slices)
 
 
 def test_normalisation_round_trips_to_float32_precision():
@@ -82,3 +82,10 @@ def test_shell_slices_and_back_restore_the_volumes():
     np.testing.assert_array_equal(target[..., [1, 3, 4]], denormalise_volumes(normalised, scales)[..., [1, 3, 4]])
     np.testing.assert_allclose(target[..., [1, 3, 4]], data[..., [1, 3, 4]], rtol=1e-6)
     assert not target[..., [0, 2]].any()  # other volumes untouched
+
+
+def test_auto_n_leaves_stage3_a_second_disjoint_set_and_takes_at_most_eight():
+    volumes = [1, 2, 3, 5, 6, 8, 12, 17, 18, 55]
+    assert [shell_neighbour_count(0, v) for v in volumes] == [1, 1, 1, 2, 2, 3, 5, 8, 8, 8]
+    assert all(2 * shell_neighbour_count(0, v) + 1 <= v for v in volumes if v >= 3)
+    assert shell_neighbour_count(3, 55) == 3  # a given n is kept

@@ -96,7 +96,7 @@ def test_denoise_writes_every_output_of_the_contract(tiny_input, tmp_path, capsy
 
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "done"
-    assert record["parameters"]["n"] == 2 and record["parameters"]["preset"] == "small"
+    assert record["parameters"]["n"] == 0 and record["parameters"]["preset"] == "small"  # n: auto
     # by default Stage III estimates the signal where the background gives the noise level
     assert record["parameters"]["target"] == "auto" and record["noise_sigma"] > 0
     assert {"stage1_b1000", "stage3_b1000", "inference_b1000", "outputs"} <= set(record["timings_s"])
@@ -105,8 +105,9 @@ def test_denoise_writes_every_output_of_the_contract(tiny_input, tmp_path, capsy
     assert record["shells"]["b0"]["denoised"] is False
     b1000 = record["shells"]["b1000"]
     assert b1000["stage3_condition"] == "stage1"
+    assert b1000["n"] == 3  # auto: the most that leave a second disjoint set among 8 volumes
     for v, (first, second) in enumerate(zip(b1000["neighbours"], b1000["second_neighbours"])):
-        assert len({v, *first, *second}) == 5  # the independent estimate shares no volume with Stage I's
+        assert len({v, *first, *second}) == 7  # the independent estimate shares no volume with Stage I's
     assert set(record["versions"]) >= {"torch", "dipy", "ddm2"}
     residual = nib.load(str(out / "residual.nii.gz")).get_fdata()
     np.testing.assert_allclose(residual, source.data - denoised, atol=1e-3)
@@ -171,14 +172,14 @@ def test_ctrl_c_during_a_run_requests_a_cancel_instead_of_interrupting(tmp_path)
     from ddm2.progress import Cancelled, CancelToken
 
     token = CancelToken(tmp_path)
+    # raise_signal delivers to this thread and runs the Python handler before it returns: os.kill may
+    # land on one of torch's threads, and the main thread then sees it only later (a flaky test)
     with token.signals_handled():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)  # Python runs the handler between bytecodes of the main thread
+        signal.raise_signal(signal.SIGINT)
         with pytest.raises(Cancelled):
             token.check()  # the next step's check stops the run, with a checkpoint
     with pytest.raises(KeyboardInterrupt):  # and afterwards Ctrl-C interrupts again
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)
+        signal.raise_signal(signal.SIGINT)
 
 
 def _start_worker(tiny_input: Path, out: Path, extra: list[str]) -> subprocess.Popen:
@@ -297,6 +298,17 @@ def test_each_bad_input_ends_with_one_clear_line_and_leaves_the_input_alone(tmp_
     assert {path: digest(path) for path in inputs.iterdir()} == before
 
 
+def test_n_is_a_count_from_one_or_auto(capsys):
+    from ddm2.cli import neighbour_count
+
+    assert neighbour_count("auto") == 0 and neighbour_count("8") == 8
+    for wrong in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as raised:
+            main(["denoise", "in.nii.gz", "--out", "out", "--n", wrong])
+        assert raised.value.code == 2
+        assert f"{wrong!r} is not a neighbour count: give a whole number from 1, or auto" in capsys.readouterr().err
+
+
 def test_disk_full_is_reported_as_such(tiny_input, tmp_path, capsys, monkeypatch):
     import errno
 
@@ -336,6 +348,15 @@ def test_real_scan_denoises_into_every_output(tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["shells"]["b0"]["denoised"] is True
     assert record["shells"]["b0"]["volumes"] == np.flatnonzero(b0).tolist() == [0, 4, 8, 12, 16]
+    # its background is 62 % zeros and holds scalp: a warning says sigma may be off, in the log, in the
+    # progress events and in the record
+    assert record["noise_sigma"] == pytest.approx(409.9, abs=0.1)
+    [warning] = record["warnings"]
+    assert "62% of it is exactly 0" in warning and "1.66 times their median" in warning
+    assert "1.58 times as high in the b = 0 volumes" in warning
+    assert f"warning: {warning}" in completed.stderr
+    events = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert [event["message"] for event in events if event["event"] == "warning"] == [warning]
     np.testing.assert_allclose(np.loadtxt(out / "denoised.bval"), source.bvals)
     assert np.all(denoised >= 0) and np.isfinite(denoised).all()
     reread = dwi_io.load(out / "denoised.nrrd")

@@ -43,16 +43,19 @@ def panelRun():
     inputNode = module.DDM2SlicerTest.createSyntheticDwi()
     inputNode.SetAttribute("DWMRI_gradient_0099", "1 0 0")  # a stale key that must not reach the output
     ui = widget.ui
+    record = {"noiseSigmaText": ui.noiseSigmaSpinBox.text,  # 0: measured on the background
+              "neighboursText": ui.neighboursSpinBox.text}  # 0: auto
     ui.neighboursSpinBox.value = 2
     ui.stage1StepsSpinBox.value = 6
     ui.stage3StepsSpinBox.value = 2
+    ui.noiseSigmaSpinBox.value = 20.0  # the synthetic DWI's noise: it has no background to measure it on
     ui.deviceComboBox.currentIndex = list(engine.DEVICE_ARGUMENTS).index("CPU")
     settingsFromPanel = widget.currentSettings
     widget.currentSettings = lambda: engine.DenoiseSettings(**{**vars(settingsFromPanel()), "seed": 0})
     events = []
     showEvent = widget.onEngineEvent
     widget.onEngineEvent = lambda event: (events.append(event), showEvent(event))
-    record = {"applyTextBeforeRun": ui.applyButton.text}
+    record["applyTextBeforeRun"] = ui.applyButton.text
 
     ui.applyButton.click()
     record["applyTextWhileRunning"] = ui.applyButton.text
@@ -74,6 +77,7 @@ def panelRun():
 def test_apply_becomes_cancel_and_shows_stage_progress(panelRun):
     widget, _, events, record = panelRun
     assert record["applyTextBeforeRun"] == "Apply"
+    assert record["noiseSigmaText"] == "measured" and record["neighboursText"] == "auto"
     assert record["applyTextWhileRunning"] == "Cancel"
     assert "Stage I" in record["progressFormat"]
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
@@ -87,6 +91,9 @@ def test_cancel_leaves_a_resumable_run_that_resume_finishes(panelRun):
     assert record["cancelled"].exitCode == engine.EXIT_CANCELLED
     assert record["applyTextAfterCancel"] == "Resume"
     assert "--resume" in record["resumeCommand"]
+    command = record["resumeCommand"]
+    assert command[command.index("--noise-sigma") + 1] == "20.0"  # from the panel's field
+    assert "noise sigma 20 (given): Stage III estimates the signal" in widget.ui.logTextEdit.plainText
     assert record["done"].state == jobs.DONE
     assert [e["event"] for e in events].count("start") == 2
     assert widget.ui.applyButton.text == "Apply"
@@ -180,6 +187,20 @@ def test_compute_maps_without_training_for_any_selected_dwi(panelRun):
     np.testing.assert_allclose(slicer.util.arrayFromVolume(fa), slicer.util.arrayFromVolume(inputFa), atol=1e-5)
 
 
+def test_engine_warnings_are_shown_with_the_results(panelRun, monkeypatch):
+    """A warning event (the background sigma's doubt) goes under the results, not only into the log."""
+    widget, _, _, _ = panelRun
+    assert widget.ui.statusLabel.text == "Denoised: the results are in the scene."  # the run warned of nothing
+    parameters = widget._parameterNode
+    loaded = {"denoised": parameters.outputVolume, "residual_rms": parameters.residualVolume,
+              "fa": parameters.faVolume}
+    monkeypatch.setattr(widget.logic, "loadResults", lambda *arguments: loaded)  # its run folder is gone
+    widget.onEngineEvent({"event": "warning", "message": "the background may not be pure noise"})
+    widget.onDenoisingFinished(widget.logic.job.result)
+    assert widget.ui.statusLabel.text == ("Denoised: the results are in the scene. "
+                                          "Check: the background may not be pure noise.")
+
+
 def test_engine_failure_raises_the_engines_own_message():
     inputNode = module.DDM2SlicerTest.createSyntheticDwi("two volumes")
     voxels = slicer.util.arrayFromVolume(inputNode)[..., :2].copy()
@@ -191,7 +212,8 @@ def test_engine_failure_raises_the_engines_own_message():
     slicer.util.updateVolumeFromArray(inputNode, voxels)
     logic = module.DDM2SlicerLogic()
     with pytest.raises(RuntimeError) as failure:
-        logic.process(inputNode, settings=engine.DenoiseSettings(stage1Steps=1, stage3Steps=1, device="CPU"), timeout=120)
+        logic.process(inputNode, settings=engine.DenoiseSettings(neighbours=2, stage1Steps=1, stage3Steps=1,
+                                                                 device="CPU"), timeout=120)
     # The engine's own line, naming the problem and the fix, not a bare exit code.
     assert "DDM2 denoising failed" in str(failure.value)
     assert "fewer than n + 1 = 3" in str(failure.value) and "--n" in str(failure.value)

@@ -11,6 +11,7 @@ Cases (all with Rician noise at each --snr, scored inside the brain mask):
 
 Each combination is one run directory (resumed if it exists); DDM2 is scored with the run's sampler and,
 re-using its trained networks, with every --extra-sampler (e.g. ddpm: the paper's every-state chain).
+`--sigma-error 0.8 1.2` gives the signal target the true sigma times each factor instead of measuring it.
 One JSON line per combination goes to OUT/results.jsonl; bench/RESULTS.md records the figures with the
 command, machine and date.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 from resample import resample_scores
 
 from ddm2 import dwi as dwi_io
+from ddm2.cli import neighbour_count
 from ddm2.demo import run_with_truth
 from ddm2.maps import dti_maps
 from ddm2.phantom import Phantom, default_gradient_table, dipy_gradient_table, make_phantom
@@ -92,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs="+", default=["hardi55", "clinical6", "phantom"])
     parser.add_argument("--snr", type=float, nargs="+", default=[5, 10, 20])
-    parser.add_argument("--n", type=int, nargs="+", default=[2])
+    parser.add_argument("--n", type=neighbour_count, nargs="+", default=[2], help="as ddm2's (auto: n0 in run names)")
     parser.add_argument("--method", nargs="+", default=["directional"])
     parser.add_argument("--stage1-steps", type=int, default=800)
     parser.add_argument("--stage3-steps", type=int, default=800)
@@ -107,6 +109,9 @@ def main() -> None:
     parser.add_argument("--flips", action=argparse.BooleanOptionalAction, default=False,
                         help="the run's sampler averages over the 4 flips (default off here, as in every "
                              "recorded command; ddm2's default is on: score it with --extra-samplers ddim:1:flips)")
+    parser.add_argument("--sigma-error", type=float, nargs="+", default=[0.0],
+                        help="give the signal target the true sigma times each of these factors instead of "
+                             "measuring it on the background (0: measure it, the default)")
     parser.add_argument("--extra-samplers", nargs="*", default=[], help="e.g. ddpm ddim:20:flips")
     parser.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
     parser.add_argument("--device", default="auto")
@@ -117,18 +122,21 @@ def main() -> None:
         print(markdown_tables(args.out / "results.jsonl"))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    for case, snr, n, method in itertools.product(args.case, args.snr, args.n, args.method):
+    for case, snr, n, method, sigma_error in itertools.product(args.case, args.snr, args.n, args.method,
+                                                                args.sigma_error):
+        truth_case = make_case(case, snr, seed=Settings().seed)
         settings = Settings(n=n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, method=method,
                             holdout=args.holdout, target=args.target,
                             stage3_condition=args.stage3_condition, sampler=args.sampler,
-                            sampling_steps=args.sampling_steps, flips=args.flips, save_stage1=True)
+                            sampling_steps=args.sampling_steps, flips=args.flips, save_stage1=True,
+                            noise_sigma=sigma_error * truth_case.sigma)
         condition = args.stage3_condition
         # runs of the paper's F keep the names they had before the conditioned F existed
         suffix = {"none": "", "stage1": "-conditioned", "auto": "-auto"}[condition]
         # and runs of the mean target the names they had before the signal target existed
         suffix += {"mean": "", "signal": "-signal", "auto": "-target-auto"}[args.target]
+        suffix += f"-sigma{sigma_error:g}" if sigma_error else ""
         run_dir = args.out / f"{case}-snr{snr:g}-n{n}-{method}{suffix}"
-        truth_case = make_case(case, snr, settings.seed)
         started = time.monotonic()
         table = run_with_truth(truth_case, run_dir, settings, Reporter(), title=f"{case}, SNR {snr:g}",
                                device=args.device, baselines=not args.no_baselines)
@@ -144,6 +152,7 @@ def main() -> None:
         record = {"case": case, "shape": list(truth.data.shape), "snr": snr, "n": n, "method": method,
                   "stage3_condition": condition, "holdout": args.holdout, "target": args.target,
                   "noise_sigma": json.loads((run_dir / "run.json").read_text()).get("noise_sigma"),
+                  "sigma_error": sigma_error,
                   "stage1_steps": args.stage1_steps, "stage3_steps": args.stage3_steps, "sampler": args.sampler,
                   "sampling_steps": args.sampling_steps, "seconds": seconds, "machine": platform.node(),
                   "date": date.today().isoformat(), "scores": scores, "extra_samplers": extra}

@@ -1,4 +1,4 @@
-"""A real scan's noise sigma three ways: the background's (``ddm2.noise.background_sigma``), the
+"""A real scan's noise sigma three ways: the background's (``ddm2.noise.measure_background``), the
 spread of its repeated b0s, and dipy's MP-PCA noise map inside the brain (``--mppca``).
 
     python bench/scan_sigma.py ../shared/data/philips-dwi/philips_dwi.nii.gz --mppca
@@ -22,14 +22,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from ddm2 import dwi as dwi_io
 from ddm2.maps import brain_mask
-from ddm2.noise import BACKGROUND_MARGIN, background_sigma, background_values
+from ddm2.noise import RAYLEIGH_MEAN_OVER_MEDIAN, measure_background
 from ddm2.phantom import noise_level
-
-RAYLEIGH_MEAN_OVER_MEDIAN = np.sqrt(np.pi / 2) / np.sqrt(2 * np.log(2))
 
 
 def main() -> None:
@@ -47,11 +44,11 @@ def main() -> None:
         truth = dwi_io.load(args.truth)
         snr_mask = nib.load(str(args.mask)).get_fdata() > 0.5
         print(f"truth: sigma {noise_level(truth.data, truth.bvals, snr_mask, args.snr):.1f}")
-    outside = ~ndimage.binary_dilation(mask, iterations=BACKGROUND_MARGIN)
-    values = background_values(data, dwi.bvals)
-    print(f"background: {(data[outside] == 0).mean():.0%} zeros; non-zero mean/median "
-          f"{values.mean() / np.median(values):.3f} (Rayleigh {RAYLEIGH_MEAN_OVER_MEDIAN:.4f}); "
-          f"sigma {background_sigma(data, dwi.bvals):.1f}")
+    background = measure_background(data, dwi.bvals)
+    print(f"background: {background.zero_share:.0%} zeros; non-zero mean/median {background.mean_over_median:.3f} "
+          f"(Rayleigh {RAYLEIGH_MEAN_OVER_MEDIAN:.4f}); median in the b0s / in the others "
+          f"{background.b0_over_weighted:.3f} (pure noise: 1); sigma {background.sigma:.1f}")
+    print(background.doubt() or "the background looks like pure noise")
     print_b0_spread(data[..., dwi.b0_mask], mask)
     if args.mppca:
         from dipy.denoise.localpca import mppca

@@ -47,7 +47,8 @@ import torch
 
 from ddm2 import dwi as dwi_io
 from ddm2 import stage1, stage3, training
-from ddm2.data import gradient_features, group_shells, neighbour_table, normalise_volumes, shell_slices
+from ddm2.data import (gradient_features, group_shells, neighbour_table, normalise_volumes, shell_neighbour_count,
+                       shell_slices)
 from ddm2.phantom import default_gradient_table, make_phantom
 from ddm2.pipeline import PRESET_TRAINING, Settings
 from ddm2.progress import CancelToken, Reporter
@@ -80,16 +81,17 @@ def hardi_table() -> tuple[np.ndarray, np.ndarray]:
 
 def training_rates(slices: torch.Tensor, truth_slices: torch.Tensor, states: torch.Tensor, bvecs: np.ndarray,
                    bvals: np.ndarray, args, device: torch.device) -> dict[str, float]:
-    """Steps per second of Stage I (directional, n = 2, context 1), Stage III's conditioned F (the
-    default from 30 directions: every step also runs Stage I's network on the second neighbour set) and
-    the paper's one-channel F."""
+    """Steps per second of Stage I (directional, ddm2's default n for the shell, context 1), Stage III's
+    conditioned F (the default from 30 directions: every step also runs Stage I's network on the second
+    neighbour set) and the paper's one-channel F."""
     batch = PRESET_TRAINING[args.preset]["batch_size"]
     sampler = stage1.SliceSampler(slices, batch)
-    tables = [neighbour_table(bvecs, 2, "angular", ring) for ring in (0, 1)]
+    n = shell_neighbour_count(Settings().n, len(bvecs))
+    tables = [neighbour_table(bvecs, n, "angular", ring) for ring in (0, 1)]
     (neighbours, conditions), (second, second_conditions) = [
         (torch.as_tensor(table, device=device), torch.as_tensor(gradient_features(bvecs, bvals, table), device=device))
         for table in tables]
-    phi = training.prepare_model(UNet(preset_config(args.preset, in_channels=stage1.input_channels(2, 1),
+    phi = training.prepare_model(UNet(preset_config(args.preset, in_channels=stage1.input_channels(n, 1),
                                                     condition_dim=conditions.shape[1])), device, args.compile)
     denoiser, paper_denoiser = [training.prepare_model(UNet(preset_config(args.preset, in_channels=channels,
                                                                           noise_embedding=True)), device, args.compile)

@@ -21,7 +21,7 @@ from resample import known_truth
 
 from ddm2 import stage1
 from ddm2.data import gradient_features, group_shells, neighbour_table, normalised_shell_slices, \
-    restore_shell_volumes, volume_scales
+    restore_shell_volumes, shell_neighbour_count, volume_scales
 from ddm2.metrics import score_against_truth
 from ddm2.training import load_checkpoint
 from ddm2.unet import UNet, preset_config
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--rings", type=int, default=5)
     args = parser.parse_args()
     record = json.loads((args.run_dir / "run.json").read_text())
-    n, preset = record["parameters"]["n"], record["parameters"]["preset"]
+    preset = record["parameters"]["preset"]
     noisy, truth, mask, truth_maps = known_truth(args.run_dir)
     scales = volume_scales(noisy.data)
     alone = [noisy.data.copy() for _ in range(args.rings)]
@@ -43,6 +43,7 @@ def main() -> None:
             continue
         slices = normalised_shell_slices(noisy.data, shell, scales)
         bvecs, bvals = noisy.bvecs[list(shell.indices)], noisy.bvals[list(shell.indices)]
+        n = shell_neighbour_count(record["parameters"]["n"], len(shell.indices))
         context = stage1.usable_context(record["parameters"]["context_slices"], slices.shape[1])
         tables = [neighbour_table(bvecs, n, "angular", ring) for ring in range(args.rings)]
         features = [gradient_features(bvecs, bvals, table) for table in tables]

@@ -51,11 +51,12 @@ STAGE_LABELS = {
 class DenoiseSettings:
     """What the panel lets a user choose, in the panel's own words."""
 
-    neighbours: int = 2
+    neighbours: int = 0  # 0: auto (the engine's default)
     stage1Steps: int = 1000
     stage3Steps: int = 2000
     preset: str = "quick preview"
     device: str = "auto"
+    noiseSigma: float = 0.0  # the noise's sigma in the scan's units for the signal target; 0: measured
     seed: int | None = None
     # Further engine options, passed through as given (e.g. ("--sampler", "ddim")).
     extraArguments: tuple[str, ...] = ()
@@ -63,12 +64,14 @@ class DenoiseSettings:
     def arguments(self) -> list[str]:
         """The engine options for these settings (everything after ``--out DIR``)."""
         arguments = [
-            "--n", str(self.neighbours),
+            "--n", str(self.neighbours or "auto"),
             "--stage1-steps", str(self.stage1Steps),
             "--stage3-steps", str(self.stage3Steps),
             *PRESET_ARGUMENTS[self.preset],
             "--device", DEVICE_ARGUMENTS[self.device],
         ]
+        if self.noiseSigma:
+            arguments += ["--noise-sigma", str(self.noiseSigma)]
         if self.seed is not None:
             arguments += ["--seed", str(self.seed)]
         return arguments + list(self.extraArguments)

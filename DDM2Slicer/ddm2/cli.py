@@ -20,14 +20,28 @@ def _add_input(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bvec", help="FSL b-vector file (default: INPUT's stem + .bvec)")
 
 
+def neighbour_count(text: str) -> int:
+    """``--n``: a positive count, or "auto" (0, Settings' code for it)."""
+    if text == "auto":
+        return 0
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a neighbour count: give a whole number from 1, or auto")
+    return count
+
+
 def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_steps: int) -> None:
     from ddm2.pipeline import METHODS, STAGE3_CONDITIONS, Settings
     from ddm2.sampler import SAMPLERS
 
     defaults = Settings()
     group = parser.add_argument_group("method")
-    group.add_argument("--n", type=int, default=defaults.n,
-                       help=f"neighbour volumes fed to Stage I (default {defaults.n})")
+    group.add_argument("--n", type=neighbour_count, default=defaults.n,
+                       help="neighbour volumes fed to Stage I: a number, or auto (the default): per shell, as many "
+                            "as leave Stage III a second disjoint set, (V - 1) // 2 for V volumes, from 1 to 8")
     group.add_argument("--stage1-steps", type=int, default=stage1_steps, help=f"Stage I steps (default {stage1_steps})")
     group.add_argument("--stage3-steps", type=int, default=stage3_steps,
                        help=f"Stage III steps (default {stage3_steps})")

@@ -108,6 +108,18 @@ def angular_neighbours(bvecs: np.ndarray, n: int, ring: int = 0) -> np.ndarray:
     return order[:, ring * n:(ring + 1) * n].astype(np.int64)
 
 
+# "auto" n (Settings.n 0) takes as many neighbours as leave Stage III a second, disjoint set (2n + 1 <= V),
+# up to this many: on the 55-direction bench case n = 8 scored 1.1-1.6 dB above n = 2, on the phantom's
+# 30 directions 0.4-0.6 dB, on 6 directions n = 4 no better than 2 (bench/RESULTS.md, tenth session)
+AUTO_MAX_NEIGHBOURS = 8
+
+
+def shell_neighbour_count(n: int, n_volumes: int) -> int:
+    """The neighbours each volume of a shell of ``n_volumes`` is predicted from: ``n``, or for n = 0
+    ("auto") (V - 1) // 2, between 1 and ``AUTO_MAX_NEIGHBOURS``."""
+    return n or max(1, min(AUTO_MAX_NEIGHBOURS, (n_volumes - 1) // 2))
+
+
 def neighbour_table(bvecs: np.ndarray, n: int, mode: str, ring: int = 0) -> np.ndarray:
     """(V, n) indices (within the shell) of the volumes that predict each volume in Stage I. Ring 1 is a
     second set with none of ring 0's volumes (Stage III's independent estimate); it needs 2n + 1 volumes."""

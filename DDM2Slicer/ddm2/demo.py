@@ -61,7 +61,9 @@ def run_with_truth(phantom: Phantom, out: Path, settings: Settings, reporter: Re
               for name, data in estimates.items()}
     table = format_score_table(scores)
     gain = scores["DDM2"]["psnr_db"] - scores["noisy"]["psnr_db"]
-    summary = (f"{title}, {'x'.join(map(str, phantom.noisy.data.shape))}, n = {result.record['parameters']['n']}, "
+    # each shell's own n (--n auto gives each its own)
+    neighbours = ", ".join(f"{name} {shell['n']}" for name, shell in result.record["shells"].items() if "n" in shell)
+    summary = (f"{title}, {'x'.join(map(str, phantom.noisy.data.shape))}, n: {neighbours}, "
                f"method {result.record['parameters']['method']}: DDM2 {gain:+.1f} dB PSNR over the noisy input "
                f"(pipeline {seconds:.0f} s on {result.record['device']})")
     write_json(out / "demo_scores.json", {"scores": scores, "summary": summary})

@@ -3,8 +3,8 @@
 Run directory layout::
 
     run.json                      parameters, versions, device, timings, the signal target's noise
-                                  sigma, matched states, Stage I's held-out losses and kept step,
-                                  outputs, status
+                                  sigma, warnings, matched states, Stage I's held-out losses and kept
+                                  step, outputs, status
     checkpoints/<shell>/stage1.pt       Stage I model + optimiser + random state + the best step's weights
                                         so far (every K steps)
     checkpoints/<shell>/stage1_estimate.npy   Stage I's estimate of every slice (computed once)
@@ -42,9 +42,9 @@ import numpy as np
 from ddm2 import __version__, distributed
 from ddm2 import dwi as dwi_io
 from ddm2.data import (Shell, gradient_features, group_shells, neighbour_table, normalised_shell_slices,
-                       restore_shell_volumes, volume_scales)
+                       restore_shell_volumes, shell_neighbour_count, volume_scales)
 from ddm2.dwi import DWI, InputError, atomic_path
-from ddm2.noise import NoBackground, background_sigma, floor_signal
+from ddm2.noise import NoBackground, floor_signal, measure_background
 from ddm2.progress import STAGE_WEIGHTS, Cancelled, CancelToken, Reporter
 from ddm2.schedule import DiffusionSchedule
 
@@ -65,7 +65,7 @@ PRESET_TRAINING = {  # batch size and learning rate of each network preset
 class Settings:
     """Everything that decides a run's result (stored in run.json, reused by --resume)."""
 
-    n: int = 2
+    n: int = 0  # neighbour volumes of Stage I; 0: "auto", per shell (ddm2.data.shell_neighbour_count)
     stage1_steps: int = 1000
     stage3_steps: int = 1000
     preset: str = "auto"  # "paper" on CUDA, "small" on CPU
@@ -211,17 +211,19 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
 
 def planned_shells(dwi: DWI, n: int) -> tuple[list[Shell], list[Shell]]:
-    """(shells to denoise, shells passed through) for neighbour count n; raises for a DW shell too
-    small to denoise."""
+    """(shells to denoise, shells passed through) for neighbour count n (0: auto); raises for a DW
+    shell too small to denoise."""
     denoised, passed = [], []
     for shell in group_shells(dwi.bvals):
-        if len(shell.indices) >= n + 1:
+        needed = shell_neighbour_count(n, len(shell.indices)) + 1
+        if len(shell.indices) >= needed:
             denoised.append(shell)
         elif shell.is_b0:
             passed.append(shell)
         else:
-            raise InputError(f"shell {shell.name} has {len(shell.indices)} volumes, fewer than n + 1 = {n + 1}: "
-                             f"lower --n to at most {len(shell.indices) - 1}")
+            raise InputError(f"shell {shell.name} has {len(shell.indices)} volumes, fewer than n + 1 = {needed}: "
+                             + (f"lower --n to at most {len(shell.indices) - 1}" if len(shell.indices) > 1 else
+                                "a shell needs two volumes at least; leave its volume out"))
     return denoised, passed
 
 
@@ -281,8 +283,9 @@ class Run:
         scales = volume_scales(self.dwi.data)
         shells, passed = planned_shells(self.dwi, self.settings.n)
         for shell in passed:
-            self.reporter.log(f"{shell.name}: {len(shell.indices)} volume(s), fewer than n + 1 = "
-                              f"{self.settings.n + 1}: passed through unchanged")
+            needed = shell_neighbour_count(self.settings.n, len(shell.indices)) + 1
+            self.reporter.log(f"{shell.name}: {len(shell.indices)} volume(s), fewer than n + 1 = {needed}: "
+                              "passed through unchanged")
         self.record["shells"] = {s.name: {"volumes": list(s.indices), "denoised": s in shells}
                                  for s in shells + passed}
         total_slices = sum(len(s.indices) for s in shells) or 1
@@ -382,25 +385,27 @@ class ShellJob:
         bvals = run.dwi.bvals[list(shell.indices)]
         directional = s.method == "directional" and not shell.is_b0
         mode = "angular" if directional else "adjacent"
-        neighbours = neighbour_table(bvecs, s.n, mode)
+        self.n = shell_neighbour_count(s.n, len(shell.indices))
+        neighbours = neighbour_table(bvecs, self.n, mode)
         self.conditions = gradient_features(bvecs, bvals, neighbours) if directional else None
         self.context = stage1.usable_context(s.context_slices, slices.shape[1]) if s.method == "directional" else 0
         wanted = s.stage3_condition
         if wanted == "auto":
             wanted = "stage1" if directional and len(shell.indices) >= AUTO_CONDITION_MIN_VOLUMES else "none"
         # a conditioned F needs a second Stage I estimate from n volumes that are not among the first n
-        self.conditioned = wanted == "stage1" and len(shell.indices) >= 2 * s.n + 1
+        self.conditioned = wanted == "stage1" and len(shell.indices) >= 2 * self.n + 1
         if wanted == "stage1" and not self.conditioned:
-            run.reporter.log(f"stage3 [{shell.name}]: {len(shell.indices)} volumes, fewer than 2n + 1 = {2 * s.n + 1}: "
-                             "F sees the noisy slice only (as in the paper)")
+            run.reporter.log(f"stage3 [{shell.name}]: {len(shell.indices)} volumes, fewer than 2n + 1 = "
+                             f"{2 * self.n + 1}: F sees the noisy slice only (as in the paper)")
         record = run.record["shells"][shell.name]
+        record["n"] = self.n
         record["neighbours"] = neighbours.tolist()
         record["stage3_condition"] = "stage1" if self.conditioned else "none"
         self.slices_t = torch.as_tensor(slices, device=self.device)
         self.neighbours_t = torch.as_tensor(neighbours, device=self.device)
         self.conditions_t = torch.as_tensor(self.conditions, device=self.device) if directional else None
         if self.conditioned:
-            second = neighbour_table(bvecs, s.n, mode, ring=1)
+            second = neighbour_table(bvecs, self.n, mode, ring=1)
             record["second_neighbours"] = second.tolist()
             self.second_neighbours_t = torch.as_tensor(second, device=self.device)
             self.second_conditions_t = torch.as_tensor(gradient_features(bvecs, bvals, second),
@@ -473,7 +478,7 @@ class ShellJob:
         from ddm2.unet import UNet, preset_config
 
         condition_dim = self.conditions.shape[1] if self.conditions is not None else 0
-        in_channels = stage1.input_channels(self.settings.n, self.context)
+        in_channels = stage1.input_channels(self.n, self.context)
         return UNet(preset_config(self.settings.preset, in_channels=in_channels, condition_dim=condition_dim))
 
     @cached_property
@@ -608,25 +613,27 @@ class ShellJob:
         return denoised, curves
 
 
-def scan_noise_sigma(dwi: DWI, settings: Settings) -> tuple[float | None, str]:
+def scan_noise_sigma(dwi: DWI, settings: Settings) -> tuple[float | None, str, list[str]]:
     """The noise's sigma (input units) for Stage III's signal target, given or measured on the
-    background, or None for the mean target; and a line for the log. Without a background to measure,
+    background, or None for the mean target; a line for the log; and warnings: why a measured sigma
+    may be off, where the background does not look like pure noise. Without a background to measure,
     target "signal" raises NoBackground (an InputError) and "auto" falls back to the mean target."""
     if not settings.noise_sigma >= 0 or not np.isfinite(settings.noise_sigma):
         raise InputError(f"--noise-sigma {settings.noise_sigma} is not a noise level: give the noise's sigma in "
                          "the input's units, or leave it out to have it measured on the background")
     if settings.target == "mean":
-        return None, "Stage III estimates the noisy data's mean (--target mean)"
+        return None, "Stage III estimates the noisy data's mean (--target mean)", []
     if settings.noise_sigma:
-        return settings.noise_sigma, signal_target_note(settings.noise_sigma, "given")
+        return settings.noise_sigma, signal_target_note(settings.noise_sigma, "given"), []
     try:
-        sigma = background_sigma(dwi.data, dwi.bvals)
+        background = measure_background(dwi.data, dwi.bvals)
     except NoBackground as error:
         if settings.target == "signal":
             raise
         return None, (f"no noise level to measure ({error.measured}): Stage III estimates the noisy data's mean, "
-                      "as in the paper. Give --noise-sigma to have it estimate the signal")
-    return sigma, signal_target_note(sigma, "measured on the background")
+                      "as in the paper. Give --noise-sigma to have it estimate the signal"), []
+    note = signal_target_note(background.sigma, "measured on the background")
+    return background.sigma, note, [doubt for doubt in [background.doubt()] if doubt]
 
 
 def signal_target_note(sigma: float, source: str) -> str:
@@ -708,7 +715,7 @@ def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, rep
     input_files = [Path(input_path)] + [Path(p) for p in (bval, bvec) if p]
     if dwi is None:
         dwi = dwi_io.load(input_path, bval, bvec)
-    dwi_io.validate(dwi, settings.n)
+    dwi_io.validate(dwi, settings.n or None)
     planned_shells(dwi, settings.n)  # a shell too small for n is refused before anything is written
     if run_dir.resolve() == Path(input_path).resolve().parent:
         raise InputError(f"--out {run_dir} is the input's own folder: choose another --out, so that no "
@@ -735,11 +742,13 @@ def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, rep
         sigma = record["noise_sigma"]
         noise_note = signal_target_note(sigma, "the run's")
     else:
-        sigma, noise_note = scan_noise_sigma(dwi, stored or settings)
+        sigma, noise_note, record["warnings"] = scan_noise_sigma(dwi, stored or settings)
     if sigma is not None:
         record["noise_sigma"] = sigma
     torch_device = distributed.rank_device(resolve_device(device, reporter))
     reporter.log(noise_note)
+    for warning in record.get("warnings", []):  # a resumed run's too: they hold for its results
+        reporter.warn(warning)
     settings = settings.resolved(torch_device.type)
     if stored is not None:
         changed = [f"{name} {value} (the run's: {getattr(stored, name)})"

@@ -102,6 +102,11 @@ class Reporter:
         self.stderr.write(f"{prefix} {message}\n")
         self.stderr.flush()
 
+    def warn(self, message: str) -> None:
+        """Something the user should check in the results: logged, and a ``warning`` event."""
+        self.log(f"warning: {message}")
+        self.event("warning", message=message)
+
     def begin(self, stage: str, shell: str, base: float, span: float) -> None:
         """Start a stage that covers [base, base + span] of the whole run."""
         self.fraction_base, self.fraction_span = base, span

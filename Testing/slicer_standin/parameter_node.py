@@ -5,6 +5,7 @@ in a vtkMRMLScriptedModuleNode, and connectGui through the same widget connector
 
 from __future__ import annotations
 
+import math
 import typing
 
 import vtk
@@ -79,6 +80,10 @@ def _connector(widget, parameter: _Parameter):
         bounds = parameter.annotation(WithinRange)
         if bounds:
             widget.minimum, widget.maximum = bounds.minimum, bounds.maximum
+        return (lambda value: setattr(widget, "value", value)), (lambda: widget.value), widget.valueChanged
+    if kind is qt.QDoubleSpinBox and parameter.datatype is float:
+        bounds = parameter.annotation(WithinRange)
+        widget.minimum, widget.maximum = (bounds.minimum, bounds.maximum) if bounds else (-math.inf, math.inf)
         return (lambda value: setattr(widget, "value", value)), (lambda: widget.value), widget.valueChanged
     if kind is widgets.ctkSliderWidget and parameter.datatype in (int, float):
         bounds = parameter.annotation(WithinRange)
