@@ -104,15 +104,17 @@ class Background:
 
 def measure_background(data: np.ndarray, bvals: np.ndarray) -> Background:
     """Sigma of the complex Gaussian noise of magnitude data (X, Y, Z, N): the median of its
-    Rayleigh-distributed non-zero ``background_values`` divided by sqrt(2 ln 2)."""
+    Rayleigh-distributed non-zero ``background_values`` divided by sqrt(2 ln 2); with the figures
+    ``Background.doubt`` judges that background by."""
     values = background_values(data, bvals)
-    non_zero = values[values > 0]
+    positive = values > 0
+    non_zero = values[positive]
     if non_zero.size < MIN_BACKGROUND_VOXELS:
         raise NoBackground(f"only {non_zero.size} non-zero voxels lie outside the head, fewer than the "
                            f"{MIN_BACKGROUND_VOXELS} needed to measure the noise")
     median = float(np.median(non_zero))
     b0 = np.asarray(bvals) <= B0_THRESHOLD
-    b0_values, weighted_values = (group[group > 0] for group in (values[b0], values[~b0]))
+    b0_values, weighted_values = values[b0][positive[b0]], values[~b0][positive[~b0]]
     if b0_values.size and weighted_values.size:
         b0_over_weighted = float(np.median(b0_values) / np.median(weighted_values))
         standard_error = MEDIAN_STANDARD_ERROR * float(np.sqrt(1 / b0_values.size + 1 / weighted_values.size))
