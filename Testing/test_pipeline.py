@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +223,31 @@ def test_a_run_killed_mid_stage3_resumes_and_completes(tiny_input, tmp_path):
     assert first_stage3["step"] > 10
     assert events[-1]["event"] == "done"
     assert json.loads((out / "run.json").read_text())["status"] == "done"
+
+
+def test_a_run_resumed_after_its_first_shell_ends_as_an_uninterrupted_run(tmp_path, capsys):
+    """The resumed run builds no network for the finished b0 shell; the b1000 shell's networks must
+    still start from the same weights, and so end on the same denoised volumes."""
+    bvals, bvecs = default_gradient_table(n_b0=3, n_directions=8)
+    source = tmp_path / "dwi.nii.gz"
+    dwi_io.save_nifti(make_phantom((24, 24, 3), bvals, bvecs, snr=8, seed=4).noisy, source)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = ["denoise", str(source), *TINY, "--no-report"]
+    assert run_cli([*args, "--out", str(whole)], capsys)[0] == EXIT_OK
+    record = json.loads((whole / "run.json").read_text())
+    assert record["shells"]["b0"]["denoised"] and record["shells"]["b1000"]["denoised"]
+    # the state of a run that ended while its b1000 shell had just begun: the b0 shell's files only
+    shutil.copytree(whole / "checkpoints" / "b0", resumed / "checkpoints" / "b0")
+    record["status"] = "running"
+    for key in ("outputs", "timings_s"):
+        record.pop(key)
+    (resumed / "run.json").write_text(json.dumps(record))
+    code, events, _ = run_cli([*args, "--out", str(resumed), "--resume", "--progress", "json"], capsys)
+    assert code == EXIT_OK
+    b0_stages = {e["stage"] for e in events if e["event"] == "progress" and e["shell"] == "b0"}
+    assert b0_stages == {"stage2"}  # the b0 shell was not trained or sampled again
+    np.testing.assert_array_equal(nib.load(str(resumed / "denoised.nii.gz")).get_fdata(),
+                                  nib.load(str(whole / "denoised.nii.gz")).get_fdata())
 
 
 @pytest.mark.parametrize("recorded, holdout, target", [({}, 0.0, "mean"), ({"stage1_holdout": 0.2}, 0.2, "mean"),

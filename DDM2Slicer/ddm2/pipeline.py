@@ -32,6 +32,7 @@ import hashlib
 import json
 import platform
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -472,14 +473,26 @@ class ShellJob:
         self.run.save_record()
         return estimate
 
+    def new_network(self, stage_offset: int, **config):
+        """An untrained U-Net of the preset with ``config``, its initial weights drawn from the seed, the
+        shell's name and the stage only: a resumed run builds no network for the stages it skips, so
+        weights drawn from the global generator would start its later networks elsewhere than an
+        uninterrupted run's."""
+        import torch
+
+        from ddm2.unet import UNet, preset_config
+
+        with torch.random.fork_rng(devices=[]):  # the weights are drawn on the CPU, then moved
+            torch.manual_seed(self.settings.seed + stage_offset + zlib.crc32(self.shell.name.encode()))
+            return UNet(preset_config(self.settings.preset, **config))
+
     def stage1_network(self):
         """Stage I's U-Net for this shell's inputs, untrained."""
         from ddm2 import stage1
-        from ddm2.unet import UNet, preset_config
 
         condition_dim = self.conditions.shape[1] if self.conditions is not None else 0
-        in_channels = stage1.input_channels(self.n, self.context)
-        return UNet(preset_config(self.settings.preset, in_channels=in_channels, condition_dim=condition_dim))
+        return self.new_network(0, in_channels=stage1.input_channels(self.n, self.context),
+                                condition_dim=condition_dim)
 
     @cached_property
     def trained_stage1(self):
@@ -533,13 +546,11 @@ class ShellJob:
         import torch
 
         from ddm2 import stage3, training
-        from ddm2.unet import UNet, preset_config
 
         self.begin("stage3")
         started = time.monotonic()
         channels = 2 if self.conditioned else 1
-        denoiser = training.prepare_model(UNet(preset_config(self.settings.preset, in_channels=channels,
-                                                             noise_embedding=True)),
+        denoiser = training.prepare_model(self.new_network(1000, in_channels=channels, noise_embedding=True),
                                           self.device, self.settings.compile_network)
         second = self.stage1_estimates(self.second_neighbours_t, self.second_conditions_t) if self.conditioned else None
         estimate_t = torch.as_tensor(estimate, device=self.device)
@@ -757,9 +768,6 @@ def denoise(input_path: str | Path, out_dir: str | Path, settings: Settings, rep
             reporter.log(f"resuming with the run's own settings; not applied: {', '.join(changed)}. "
                          "Start a new run in another --out to use them")
         settings = stored
-    import torch
-
-    torch.manual_seed(settings.seed)
     record.update({"status": "running", "input": str(Path(input_path).resolve()), "input_sha256": digest,
                    "shape": list(dwi.data.shape), "parameters": asdict(settings), "versions": versions(),
                    "device": describe_device(torch_device), "processes": distributed.world_size()})
