@@ -466,8 +466,9 @@ def test_outlier_slices_are_judged_within_their_own_shell():
 
 
 def test_held_out_slices_stop_stage1_before_it_learns_the_noise_of_a_small_scan(tmp_path, capsys):
-    """12 target slices (6 directions x 2 slices): trained 400 steps on all of them, Stage I learns their
-    noise; the loss on 2 held-out slices keeps an early step instead."""
+    """12 target slices (6 directions x 2 slices): trained 800 steps on all of them, Stage I learns their
+    noise (at 400 steps it is on its way, and how far depends on its initial weights); the loss on 2
+    held-out slices keeps an early step instead."""
     bvals, bvecs = default_gradient_table(n_b0=1, n_directions=6)
     phantom = make_phantom((24, 24, 2), bvals, bvecs, snr=10, seed=0)
     dwi_io.save_nifti(phantom.noisy, tmp_path / "dwi.nii.gz")
@@ -475,7 +476,7 @@ def test_held_out_slices_stop_stage1_before_it_learns_the_noise_of_a_small_scan(
     errors, records = {}, {}
     for share in ("0", "0.2"):
         out = tmp_path / f"holdout{share}"
-        assert main(["denoise", str(tmp_path / "dwi.nii.gz"), "--out", str(out), "--stage1-steps", "400",
+        assert main(["denoise", str(tmp_path / "dwi.nii.gz"), "--out", str(out), "--stage1-steps", "800",
                      "--stage3-steps", "1", "--sampler", "ddim", "--sampling-steps", "1", "--device", "cpu",
                      "--preset", "small", "--save-stage1", "--no-report", "--holdout", share]) == EXIT_OK
         estimate = nib.load(str(out / "stage1.nii.gz")).get_fdata()[..., weighted][phantom.mask]
@@ -487,6 +488,7 @@ def test_held_out_slices_stop_stage1_before_it_learns_the_noise_of_a_small_scan(
     # Stage III holds the same slices out (its one step is validated once)
     assert records["0.2"]["stage3_validation"]["held_out_slices"] == 2
     assert [step for step, _ in records["0.2"]["stage3_validation"]["losses"]] == [1]
-    assert validation["kept_step"] < 400  # the held-out loss rose again before the end
-    # measured 64.7 without and 51.9 with held-out slices (noisy: 70.9)
+    assert validation["kept_step"] < 800  # the held-out loss rose again before the end
+    # measured 69.3 without and 53.5 with held-out slices (noisy: 70.9); with --seed 1, 2, 3:
+    # 70.8 / 70.8 / 70.4 without, 56.5 / 53.5 / 58.6 with
     assert errors["0.2"] < 0.9 * errors["0"], errors
