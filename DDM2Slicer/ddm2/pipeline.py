@@ -54,6 +54,8 @@ STAGE3_CONDITIONS = ("auto", "stage1", "none")
 # "auto" conditions F on Stage I (directional method only) in shells of at least this many volumes: it
 # helped with 30 and 55 directions and did not with 6, where at SNR 20 it lost 1.5 dB (bench/RESULTS.md)
 AUTO_CONDITION_MIN_VOLUMES = 30
+# added to the seed for each stage's initial weights and training draws, so the two stages draw apart
+STAGE_SEED_OFFSETS = {"stage1": 0, "stage3": 1000}
 # Stage I's held-out loss is measured this many times along its training (about 2 % more compute)
 VALIDATIONS_PER_TRAINING = 40
 PRESET_TRAINING = {  # batch size and learning rate of each network preset
@@ -423,7 +425,7 @@ class ShellJob:
         start = sum(weights[k] for k in order[:order.index(stage)])
         self.run.reporter.begin(stage, self.shell.name, self.base + self.span * start, self.span * weights[stage])
 
-    def train(self, model, batch_loss, stage: str, steps: int, seed_offset: int,
+    def train(self, model, batch_loss, stage: str, steps: int,
               held_out_error_sum: Callable[[np.ndarray], float]) -> None:
         """Train a stage's network; with held-out slices, end on the step of lowest mean
         ``held_out_error_sum`` (slice indices -> summed error on them), recorded in run.json."""
@@ -435,9 +437,10 @@ class ShellJob:
                 return distributed.sum_all(held_out_error_sum(distributed.shard(self.held_out))) / self.held_out.size
 
             validation = training.Validation(held_out_loss, every=max(1, steps // VALIDATIONS_PER_TRAINING))
+        seed = self.settings.seed + STAGE_SEED_OFFSETS[stage] + self.rank
         training.train(model, batch_loss, steps=steps, learning_rate=self.settings.learning_rate,
                        checkpoint_path=self.folder / f"{stage}.pt", checkpoint_every=self.settings.checkpoint_every,
-                       randomness=training.Randomness.seeded(self.settings.seed + seed_offset + self.rank, self.device),
+                       randomness=training.Randomness.seeded(seed, self.device),
                        reporter=self.run.reporter, cancel=self.run.cancel, stage=stage, shell=self.shell.name,
                        device=self.device, validation=validation)
         if validation is not None:
@@ -459,7 +462,7 @@ class ShellJob:
         s = self.settings
         phi = training.prepare_model(self.stage1_network(), self.device, s.compile_network)
         self.train(phi, stage1.stage1_batch_loss(phi, self.batches, self.neighbours_t, self.conditions_t, self.context),
-                   "stage1", s.stage1_steps, 0,
+                   "stage1", s.stage1_steps,
                    lambda items: stage1.squared_error_sum(training.unwrap(phi), self.slices_t, self.neighbours_t,
                                                           self.conditions_t, items, s.inference_batch, self.context))
         items = distributed.shard(np.arange(self.n_items))
@@ -473,7 +476,7 @@ class ShellJob:
         self.run.save_record()
         return estimate
 
-    def new_network(self, stage_offset: int, **config):
+    def new_network(self, stage: str, **config):
         """An untrained U-Net of the preset with ``config``, its initial weights drawn from the seed, the
         shell's name and the stage only: a resumed run builds no network for the stages it skips, so
         weights drawn from the global generator would start its later networks elsewhere than an
@@ -483,7 +486,7 @@ class ShellJob:
         from ddm2.unet import UNet, preset_config
 
         with torch.random.fork_rng(devices=[]):  # the weights are drawn on the CPU, then moved
-            torch.manual_seed(self.settings.seed + stage_offset + zlib.crc32(self.shell.name.encode()))
+            torch.manual_seed(self.settings.seed + STAGE_SEED_OFFSETS[stage] + zlib.crc32(self.shell.name.encode()))
             return UNet(preset_config(self.settings.preset, **config))
 
     def stage1_network(self):
@@ -491,7 +494,7 @@ class ShellJob:
         from ddm2 import stage1
 
         condition_dim = self.conditions.shape[1] if self.conditions is not None else 0
-        return self.new_network(0, in_channels=stage1.input_channels(self.n, self.context),
+        return self.new_network("stage1", in_channels=stage1.input_channels(self.n, self.context),
                                 condition_dim=condition_dim)
 
     @cached_property
@@ -550,7 +553,7 @@ class ShellJob:
         self.begin("stage3")
         started = time.monotonic()
         channels = 2 if self.conditioned else 1
-        denoiser = training.prepare_model(self.new_network(1000, in_channels=channels, noise_embedding=True),
+        denoiser = training.prepare_model(self.new_network("stage3", in_channels=channels, noise_embedding=True),
                                           self.device, self.settings.compile_network)
         second = self.stage1_estimates(self.second_neighbours_t, self.second_conditions_t) if self.conditioned else None
         estimate_t = torch.as_tensor(estimate, device=self.device)
@@ -558,7 +561,7 @@ class ShellJob:
         loss = stage3.stage3_batch_loss(denoiser, self.batches, estimate_t, states_t, self.run.schedule, second,
                                         self.sigma_t)
         s = self.settings
-        self.train(denoiser, loss, "stage3", s.stage3_steps, 1000,
+        self.train(denoiser, loss, "stage3", s.stage3_steps,
                    lambda items: stage3.held_out_squared_error_sum(
                        training.unwrap(denoiser), self.slices_t, estimate_t, states_t, self.run.schedule, items,
                        s.inference_batch, s.seed + 2000, second, self.sigma_t))
