@@ -7,6 +7,8 @@ Cases (all with Rician noise at each --snr, scored inside the brain mask):
   hardi55    semi-synthetic: tensors fitted to the real scan in ../shared/data/philips-dwi/ (a slab of 8
              slices through the corpus callosum, cropped to the head: 80 x 96 x 8), re-synthesised on
              dipy's 55-direction b = 2000 table with 5 b0 volumes.
+  hardi55x   hardi55 with every fitted tensor explained as two crossing fibres of the same mean tensor
+             (ddm2.semisynthetic.two_fibre_signal): a truth beyond the single tensor, less low-rank.
   clinical6  the same anatomy on a clinical few-direction table: 1 b0 + 6 directions at b = 1000.
 
 Each combination is one run directory (resumed if it exists); DDM2 is scored with the run's sampler and,
@@ -45,13 +47,13 @@ def make_case(case: str, snr: float, seed: int) -> Phantom:
     if case == "phantom":
         return make_phantom(snr=snr, seed=seed)
     scan = dwi_io.load(SCAN).cropped(*SLAB)
-    if case == "hardi55":
+    if case in ("hardi55", "hardi55x"):
         bvals, bvecs = with_b0_volumes(*dipy_gradient_table("55dir_grad"), n_b0=5)
     elif case == "clinical6":
         bvals, bvecs = default_gradient_table(n_b0=1, n_directions=6, b_value=1000.0)
     else:
-        raise SystemExit(f"unknown case {case!r}: use phantom, hardi55 or clinical6")
-    return resynthesise(scan, bvals, bvecs, snr, seed=seed)
+        raise SystemExit(f"unknown case {case!r}: use phantom, hardi55, hardi55x or clinical6")
+    return resynthesise(scan, bvals, bvecs, snr, seed=seed, fibres=2 if case == "hardi55x" else 1)
 
 
 def markdown_tables(results: Path) -> str:
