@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddm2.data import (adjacent_neighbours, angular_neighbours, denormalise_volumes, gradient_features,
+from ddm2.data import (adjacent_neighbours, angular_neighbours, b0_guide_slices, denormalise_volumes, gradient_features,
                        group_shells, neighbour_table, normalise_volumes, normalised_shell_slices, restore_shell_volumes,
                        shell_neighbour_count, shell_slices)
 
@@ -82,6 +82,18 @@ def test_shell_slices_and_back_restore_the_volumes():
     np.testing.assert_array_equal(target[..., [1, 3, 4]], denormalise_volumes(normalised, scales)[..., [1, 3, 4]])
     np.testing.assert_allclose(target[..., [1, 3, 4]], data[..., [1, 3, 4]], rtol=1e-6)
     assert not target[..., [0, 2]].any()  # other volumes untouched
+
+
+def test_the_b0_guide_is_the_mean_b0_in_slice_layout_scaled_to_plus_minus_one():
+    data = np.zeros((2, 3, 2, 4), dtype=np.float32)
+    data[..., 0] = np.arange(12).reshape(2, 3, 2)
+    data[..., 2] = 2 * np.arange(12).reshape(2, 3, 2)
+    data[..., [1, 3]] = 1000.0  # weighted volumes: not in the mean
+    guide = b0_guide_slices(data, np.array([0, 2]))
+    assert guide.shape == (2, 2, 3) and guide.dtype == np.float32  # (Z, H, W)
+    mean = 1.5 * np.arange(12).reshape(2, 3, 2)
+    np.testing.assert_allclose(guide, np.transpose(2 * mean / mean.max() - 1, (2, 0, 1)), atol=1e-7)
+    assert guide.min() == -1 and guide.max() == 1
 
 
 def test_auto_n_leaves_stage3_a_second_disjoint_set_and_takes_at_most_eight():

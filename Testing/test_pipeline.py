@@ -20,9 +20,11 @@ import torch
 
 from ddm2 import dwi as dwi_io
 from ddm2.cli import main
+from ddm2.data import group_shells
 from ddm2.phantom import default_gradient_table, make_phantom
-from ddm2.pipeline import Settings
+from ddm2.pipeline import Settings, b0_guided_shells
 from ddm2.progress import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK
+from ddm2.stage1 import input_channels
 from paths import PHILIPS, needs_philips
 
 TINY = ["--stage1-steps", "4", "--stage3-steps", "4", "--sampler", "ddim", "--sampling-steps", "2",
@@ -119,13 +121,47 @@ def test_a_shell_too_small_for_a_conditioned_stage3_gets_the_papers(tiny_input, 
     """stage1 needs 2n + 1 volumes (here n = 4: 9 > 8); auto conditions only shells of 30 or more."""
     out = tmp_path / "run"
     code, _, err = run_cli(["denoise", str(tiny_input), "--out", str(out), *TINY, "--n", "4",
-                            "--stage3-condition", asked, "--no-report"], capsys)
+                            "--stage3-condition", asked, "--b0-guide", "off", "--no-report"], capsys)
     assert code == EXIT_OK
-    told = "b1000]: 8 volumes, fewer than 2n + 1 = 9: F sees the noisy slice only" in err
+    told = "b1000]: 8 volumes, fewer than 2n + 1 = 9: F is not conditioned on Stage I" in err
     assert told == (asked == "stage1")  # auto chose the paper's F itself: nothing to report
     assert json.loads((out / "run.json").read_text())["shells"]["b1000"]["stage3_condition"] == "none"
     weights = torch.load(out / "checkpoints" / "b1000" / "stage3.pt", weights_only=False)["model"]
     assert weights["input.weight"].shape[1] == 1  # F's first convolution takes the state alone
+
+
+@pytest.mark.parametrize("method, condition, stage3_channels", [("directional", "none", 2),
+                                                                ("directional", "stage1", 3),
+                                                                ("paper", "none", 1)])
+def test_the_b0_guide_feeds_the_weighted_shells_stage1_and_f_of_the_directional_method(tiny_input, tmp_path, capsys,
+                                                                                        method, condition,
+                                                                                        stage3_channels):
+    """The input's only b0 is passed through (n + 1 > 1), yet it still guides the b1000 shell: Stage I
+    sees its slices z - 1..z + 1, F its slice z after the state (and after Stage I's estimate)."""
+    out = tmp_path / "run"
+    code, _, _ = run_cli(["denoise", str(tiny_input), "--out", str(out), *TINY, "--n", "2", "--method", method,
+                          "--stage3-condition", condition, "--b0-guide", "on", "--no-report"], capsys)
+    assert code == EXIT_OK
+    guided = method == "directional"
+    assert json.loads((out / "run.json").read_text())["shells"]["b1000"]["b0_guide"] == guided
+    folder = out / "checkpoints" / "b1000"
+    weights = torch.load(folder / "stage1.pt", weights_only=False)["model"]
+    context = 1 if guided else 0
+    assert weights["input.weight"].shape[1] == input_channels(2, context, guided)
+    weights = torch.load(folder / "stage3.pt", weights_only=False)["model"]
+    assert weights["input.weight"].shape[1] == stage3_channels
+
+
+def test_auto_guides_the_weighted_shells_of_fewer_than_30_directions_of_the_directional_method():
+    bvals = np.array([0] * 2 + [1000] * 6 + [2000] * 29 + [3000] * 30, dtype=float)
+    shells = group_shells(bvals)
+
+    def guided(guide: str, method: str = "directional", b0_count: int = 2) -> list[str]:
+        return [shell.name for shell in b0_guided_shells(Settings(b0_guide=guide, method=method), shells, b0_count)]
+
+    assert guided("auto") == ["b1000", "b2000"]
+    assert guided("on") == ["b1000", "b2000", "b3000"]
+    assert guided("off") == guided("auto", method="paper") == guided("on", b0_count=0) == []
 
 
 def test_the_signal_target_takes_the_rician_floor_out_of_low_signal(tmp_path, capsys):
@@ -250,12 +286,14 @@ def test_a_run_resumed_after_its_first_shell_ends_as_an_uninterrupted_run(tmp_pa
                                   nib.load(str(whole / "denoised.nii.gz")).get_fdata())
 
 
-@pytest.mark.parametrize("recorded, holdout, target", [({}, 0.0, "mean"), ({"stage1_holdout": 0.2}, 0.2, "mean"),
-                                                       ({"holdout": 0.3, "target": "auto"}, 0.3, "auto")])
-def test_a_recorded_run_resumes_with_its_own_held_out_share_and_target(recorded, holdout, target):
+@pytest.mark.parametrize("recorded, holdout, target, guide", [
+    ({}, 0.0, "mean", "off"), ({"stage1_holdout": 0.2}, 0.2, "mean", "off"),
+    ({"holdout": 0.3, "target": "auto", "b0_guide": "auto"}, 0.3, "auto", "auto")])
+def test_a_recorded_run_resumes_with_its_own_held_out_share_target_and_guide(recorded, holdout, target, guide):
     """Runs recorded before held-out slices existed trained on every slice; runs recorded before the
-    option's rename stored it as stage1_holdout; runs recorded before the signal target had the mean's."""
-    assert Settings.from_dict({"n": 3, **recorded}) == Settings(n=3, holdout=holdout, target=target)
+    option's rename stored it as stage1_holdout; runs recorded before the signal target had the mean's;
+    runs recorded before the b0 guide had none."""
+    assert Settings.from_dict({"n": 3, **recorded}) == Settings(n=3, holdout=holdout, target=target, b0_guide=guide)
 
 
 @pytest.mark.parametrize("how", ["sigterm", "cancel_file"])

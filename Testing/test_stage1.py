@@ -34,6 +34,22 @@ def test_inputs_never_hold_the_target_slice_even_at_the_edges():
     assert torch.all(own // n_slices == volumes[:, None])
 
 
+def test_the_b0_guide_adds_its_slices_around_the_target_slice_mirrored_at_the_edges():
+    n_volumes, n_slices = 5, 4
+    slices = torch.zeros(n_volumes, n_slices, 3, 3)
+    guide = (100 + torch.arange(n_slices, dtype=torch.float32))[:, None, None].expand(n_slices, 3, 3).contiguous()
+    neighbours = torch.tensor(neighbour_table(np.eye(3)[[0, 1, 2, 0, 1]] * 1.0, 2, "adjacent"))
+    volumes = torch.arange(n_volumes).repeat_interleave(n_slices)
+    slice_index = torch.arange(n_slices).repeat(n_volumes)
+    for context in (0, 1):
+        inputs = stage1_inputs(slices, neighbours, volumes, slice_index, context, guide)
+        channels = input_channels(2, context, guided=True)
+        assert inputs.shape[1] == channels == input_channels(2, context) + 2 * context + 1
+        around = (slice_index[:, None] + torch.arange(-context, context + 1)[None]).abs()
+        around = torch.where(around > n_slices - 1, 2 * (n_slices - 1) - around, around)
+        assert torch.equal(inputs[:, -(2 * context + 1):, 1, 1], 100 + around.float())
+
+
 def test_stage1_alone_lowers_the_error_against_the_truth():
     bvals, bvecs = default_gradient_table(n_b0=1, n_directions=12)
     phantom = make_phantom((32, 32, 4), bvals, bvecs, snr=8, seed=1)

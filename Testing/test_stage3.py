@@ -68,6 +68,31 @@ def test_the_conditioned_f_sees_stage1s_estimate_beside_a_state_built_from_the_i
                                    atol=1e-4)
 
 
+def test_a_guided_f_sees_the_guides_slice_beside_a_state_built_from_stage1s_estimate():
+    noisy, estimate, _, states = shell()
+    guide = torch.as_tensor(np.random.default_rng(5).normal(size=(2, 8, 8)), dtype=torch.float32)  # (Z, H, W)
+    schedule = DiffusionSchedule()
+    model = Recorder()
+    loss = stage3_batch_loss(model, SliceSampler(noisy, 6), estimate, states, schedule, guide=guide)
+    loss(Randomness.seeded(3, torch.device("cpu")))
+    assert model.inputs.shape == (6, 2, 8, 8)
+    a_m = schedule.sqrt_alpha_bar[200]
+    sigma_m = np.sqrt(1 - a_m ** 2)
+    for state, condition, c in zip(model.inputs[:, 0], model.inputs[:, 1], model.levels.numpy()):
+        (z, dims), = [(z, dims) for z in range(2) for dims in FLIPS
+                      if torch.equal(condition, guide[z].flip(dims) if dims else guide[z])]
+        # the state is built from this slice's own Stage I estimate, in one of the three volumes, same flip
+        matches = []
+        for v in range(3):
+            x, y_b = (t[v, z].flip(dims) if dims else t[v, z] for t in (noisy, estimate))
+            residual = (x - a_m * y_b) / sigma_m
+            mean = residual.mean()
+            shuffled = (state - c * (y_b + mean * sigma_m / a_m)) / np.sqrt(1 - c ** 2)
+            matches.append(np.allclose(np.sort(shuffled.flatten().numpy()),
+                                       np.sort((residual - mean).flatten().numpy()), atol=1e-4))
+        assert sum(matches) == 1
+
+
 def test_the_held_out_error_of_f_is_taken_at_the_matched_state_with_the_same_shuffles_at_every_call():
     noisy, estimate, second, _ = shell()
     states = torch.as_tensor([[50, 120], [200, 260], [300, 340]])

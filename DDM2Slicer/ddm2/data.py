@@ -169,6 +169,20 @@ def normalised_shell_slices(data: np.ndarray, shell: Shell, scales: np.ndarray) 
     return slices
 
 
+def b0_guide_slices(data: np.ndarray, b0_indices: np.ndarray) -> np.ndarray:
+    """(Z, H, W) float32: the mean of the b = 0 volumes, mapped to [-1, 1] by its maximum like a volume.
+
+    Stage I's and Stage III's guide for the diffusion-weighted shells: the b0s' noise is independent of
+    every diffusion-weighted volume's, so both stay J-invariant, and S0 sets the scale of the signal
+    along every direction (S = S0 exp(-b g'Dg)), at a higher SNR than any one weighted volume has."""
+    mean = np.zeros(data.shape[:3])
+    for volume in b0_indices:  # one volume at a time: no copy of the b0s
+        mean += data[..., int(volume)]
+    mean /= len(b0_indices)
+    peak = mean.max() if mean.max() > 0 else 1.0
+    return np.transpose(2.0 * mean / peak - 1.0, (2, 0, 1)).astype(np.float32)
+
+
 def restore_shell_volumes(target: np.ndarray, slices: np.ndarray, shell: Shell, scales: np.ndarray) -> None:
     """Write a shell's normalised (V, Z, H, W) slices into its volumes of ``target`` (X, Y, Z, N), in the
     input's units (``denormalise_volumes``), one volume at a time (no whole-input temporaries)."""

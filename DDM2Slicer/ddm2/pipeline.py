@@ -42,8 +42,8 @@ import numpy as np
 
 from ddm2 import __version__, distributed
 from ddm2 import dwi as dwi_io
-from ddm2.data import (Shell, gradient_features, group_shells, neighbour_table, normalised_shell_slices,
-                       restore_shell_volumes, shell_neighbour_count, volume_scales)
+from ddm2.data import (Shell, b0_guide_slices, gradient_features, group_shells, neighbour_table,
+                       normalised_shell_slices, restore_shell_volumes, shell_neighbour_count, volume_scales)
 from ddm2.dwi import DWI, InputError, atomic_path
 from ddm2.noise import NoBackground, floor_signal, measure_background
 from ddm2.progress import STAGE_WEIGHTS, Cancelled, CancelToken, Reporter
@@ -54,6 +54,10 @@ STAGE3_CONDITIONS = ("auto", "stage1", "none")
 # "auto" conditions F on Stage I (directional method only) in shells of at least this many volumes: it
 # helped with 30 and 55 directions and did not with 6, where at SNR 20 it lost 1.5 dB (bench/RESULTS.md)
 AUTO_CONDITION_MIN_VOLUMES = 30
+B0_GUIDES = ("auto", "on", "off")
+# "auto" guides Stage I and F with the mean b0 in shells of fewer than AUTO_CONDITION_MIN_VOLUMES volumes: on
+# 6 directions it gained 0.05-1.3 dB and 0.005-0.12 SSIM; on 30 and 55 it gained PSNR at SNR 5 but raised
+# the FA error above the noisy input's, since F then leans on the isotropic b0 (bench/RESULTS.md)
 # added to the seed for each stage's initial weights and training draws, so the two stages draw apart
 STAGE_SEED_OFFSETS = {"stage1": 0, "stage3": 1000}
 # Stage I's held-out loss is measured this many times along its training (about 2 % more compute)
@@ -75,6 +79,9 @@ class Settings:
     seed: int = 0
     method: str = "directional"  # "paper": adjacent neighbours, no gradient information, no context
     context_slices: int = 1  # Stage I's through-plane context K (directional method only)
+    # directional method: Stage I and F of a weighted shell also see the mean b0 (data.b0_guide_slices);
+    # "auto": in shells of fewer than AUTO_CONDITION_MIN_VOLUMES volumes
+    b0_guide: str = "auto"
     # share of each shell's slices neither Stage I nor Stage III is trained on: each stage's loss on them
     # picks its training step to keep (early stopping); 0 trains on every slice and keeps the last steps,
     # as the paper
@@ -118,8 +125,8 @@ class Settings:
         known = {f.name for f in fields(cls)}
         # runs recorded before Stage I held slices out trained on every slice; "stage1_holdout" is the
         # name runs recorded before Stage III held out the same slices; runs recorded before the signal
-        # target estimated the mean
-        values = {"holdout": values.get("stage1_holdout", 0.0), "target": "mean", **values}
+        # target estimated the mean; runs recorded before the b0 guide had none
+        values = {"holdout": values.get("stage1_holdout", 0.0), "target": "mean", "b0_guide": "off", **values}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
@@ -295,24 +302,36 @@ class Run:
         sigma = self.record.get("noise_sigma")  # the signal target's (scan_noise_sigma)
         base = 0.0
         results = []
+        guided = self.b0_guided(shells)
+        guide = b0_guide_slices(self.dwi.data, np.flatnonzero(self.dwi.b0_mask)) if guided else None
         for shell in shells:
             span = (1.0 - STAGE_WEIGHTS["outputs"]) * len(shell.indices) / total_slices
             # in the units of normalise_volumes' maxima, as target_error takes it
             volume_sigma = None if sigma is None else sigma / scales[list(shell.indices)]
             results.append(self.denoise_shell(shell, normalised_shell_slices(self.dwi.data, shell, scales),
-                                              base, span, volume_sigma))
+                                              base, span, volume_sigma, guide if shell in guided else None))
             base += span
         if not distributed.is_main():
             return None
         self.reporter.begin("outputs", "all", base, STAGE_WEIGHTS["outputs"])
         return self.assemble(results, scales)
 
+    def b0_guided(self, shells: list[Shell]) -> list[Shell]:
+        """``b0_guided_shells`` of this run, said in the log."""
+        b0_count = int(self.dwi.b0_mask.sum())
+        guided = b0_guided_shells(self.settings, shells, b0_count)
+        for shell in guided:
+            self.reporter.log(f"{shell.name}: Stage I and F also see the mean of {b0_count} b0 volume(s) "
+                              f"(--b0-guide {self.settings.b0_guide}; the b0s must be aligned with the volumes)")
+        return guided
+
     # --------------------------------------------------------------------------- one shell
     def denoise_shell(self, shell: Shell, slices: np.ndarray, base: float, span: float,
-                      sigma: np.ndarray | None) -> ShellResult:
+                      sigma: np.ndarray | None, guide: np.ndarray | None = None) -> ShellResult:
         """The three stages and the inference of one shell, each skipped when its result is stored;
-        sigma: the noise level of each of its volumes for the signal target (``ShellJob.stage3``)."""
-        job = ShellJob(self, shell, slices, base, span, sigma)
+        sigma: the noise level of each of its volumes for the signal target (``ShellJob.stage3``);
+        guide: Stage I's and F's (Z, H, W) guide slices (``b0_guide``)."""
+        job = ShellJob(self, shell, slices, base, span, sigma, guide)
         estimate = job.stage1()
         states = job.stage2(estimate)
         stored = job.stored_result()
@@ -370,7 +389,7 @@ class ShellJob:
     """One shell's stages in its checkpoint folder ``checkpoints/<shell>``; used by ``Run``."""
 
     def __init__(self, run: Run, shell: Shell, slices: np.ndarray, base: float, span: float,
-                 sigma: np.ndarray | None = None) -> None:
+                 sigma: np.ndarray | None = None, guide: np.ndarray | None = None) -> None:
         import torch
 
         from ddm2 import stage1
@@ -399,12 +418,14 @@ class ShellJob:
         self.conditioned = wanted == "stage1" and len(shell.indices) >= 2 * self.n + 1
         if wanted == "stage1" and not self.conditioned:
             run.reporter.log(f"stage3 [{shell.name}]: {len(shell.indices)} volumes, fewer than 2n + 1 = "
-                             f"{2 * self.n + 1}: F sees the noisy slice only (as in the paper)")
+                             f"{2 * self.n + 1}: F is not conditioned on Stage I (as in the paper)")
         record = run.record["shells"][shell.name]
         record["n"] = self.n
         record["neighbours"] = neighbours.tolist()
         record["stage3_condition"] = "stage1" if self.conditioned else "none"
         self.slices_t = torch.as_tensor(slices, device=self.device)
+        self.guide_t = None if guide is None else torch.as_tensor(guide, device=self.device)
+        record["b0_guide"] = guide is not None
         self.neighbours_t = torch.as_tensor(neighbours, device=self.device)
         self.conditions_t = torch.as_tensor(self.conditions, device=self.device) if directional else None
         if self.conditioned:
@@ -461,13 +482,15 @@ class ShellJob:
         started = time.monotonic()
         s = self.settings
         phi = training.prepare_model(self.stage1_network(), self.device, s.compile_network)
-        self.train(phi, stage1.stage1_batch_loss(phi, self.batches, self.neighbours_t, self.conditions_t, self.context),
+        self.train(phi, stage1.stage1_batch_loss(phi, self.batches, self.neighbours_t, self.conditions_t, self.context,
+                                                 self.guide_t),
                    "stage1", s.stage1_steps,
                    lambda items: stage1.squared_error_sum(training.unwrap(phi), self.slices_t, self.neighbours_t,
-                                                          self.conditions_t, items, s.inference_batch, self.context))
+                                                          self.conditions_t, items, s.inference_batch, self.context,
+                                                          self.guide_t))
         items = distributed.shard(np.arange(self.n_items))
         rows = stage1.predict(training.unwrap(phi), self.slices_t, self.neighbours_t, self.conditions_t,
-                              s.inference_batch, self.context, items)
+                              s.inference_batch, self.context, items, self.guide_t)
         # every rank needs the whole estimate: Stage II and III use all of it
         estimate = distributed.gather_rows(rows, items, self.n_items, to_all=True)[0].reshape(self.slices.shape)
         if distributed.is_main():
@@ -494,7 +517,8 @@ class ShellJob:
         from ddm2 import stage1
 
         condition_dim = self.conditions.shape[1] if self.conditions is not None else 0
-        return self.new_network("stage1", in_channels=stage1.input_channels(self.n, self.context),
+        return self.new_network("stage1", in_channels=stage1.input_channels(self.n, self.context,
+                                                                            self.guide_t is not None),
                                 condition_dim=condition_dim)
 
     @cached_property
@@ -511,7 +535,8 @@ class ShellJob:
         from ddm2 import stage1
 
         return lambda volumes, slice_index: stage1.estimate_batch(self.trained_stage1, self.slices_t, neighbours,
-                                                                  conditions, volumes, slice_index, self.context)
+                                                                  conditions, volumes, slice_index, self.context,
+                                                                  self.guide_t)
 
     def stage2(self, estimate: np.ndarray) -> np.ndarray:
         """Stage II: the matched state of every slice (V, Z), >= 1; recorded in run.json."""
@@ -552,25 +577,27 @@ class ShellJob:
 
         self.begin("stage3")
         started = time.monotonic()
-        channels = 2 if self.conditioned else 1
+        channels = 1 + self.conditioned + (self.guide_t is not None)
         denoiser = training.prepare_model(self.new_network("stage3", in_channels=channels, noise_embedding=True),
                                           self.device, self.settings.compile_network)
         second = self.stage1_estimates(self.second_neighbours_t, self.second_conditions_t) if self.conditioned else None
         estimate_t = torch.as_tensor(estimate, device=self.device)
         states_t = torch.as_tensor(states, device=self.device)
         loss = stage3.stage3_batch_loss(denoiser, self.batches, estimate_t, states_t, self.run.schedule, second,
-                                        self.sigma_t)
+                                        self.sigma_t, self.guide_t)
         s = self.settings
         self.train(denoiser, loss, "stage3", s.stage3_steps,
                    lambda items: stage3.held_out_squared_error_sum(
                        training.unwrap(denoiser), self.slices_t, estimate_t, states_t, self.run.schedule, items,
-                       s.inference_batch, s.seed + 2000, second, self.sigma_t))
+                       s.inference_batch, s.seed + 2000, second, self.sigma_t, self.guide_t))
         self.run.timed(f"stage3_{self.shell.name}", time.monotonic() - started)
         return denoiser
 
     def inference(self, denoiser, states: np.ndarray) -> tuple[np.ndarray | None, list[np.ndarray]]:
         """The reverse chain on every slice, sharded over the ranks; stored by rank 0, which alone gets
         (denoised (V, Z, H, W), RMSE curves); other ranks get (None, [])."""
+        import torch
+
         from ddm2 import sampler, training
 
         run, s, name = self.run, self.settings, self.shell.name
@@ -583,15 +610,17 @@ class ShellJob:
 
         flat_states = states.reshape(-1)
         condition = None
-        if self.conditioned:  # recomputed batch by batch: no shell-sized estimate in memory
-            import torch
-
-            estimates = self.stage1_estimates(self.neighbours_t, self.conditions_t)
-            n_slices = self.slices.shape[1]
+        n_slices = self.slices.shape[1]
+        if self.conditioned or self.guide_t is not None:
+            # Stage I's estimate recomputed batch by batch: no shell-sized estimate in memory
+            estimates = self.stage1_estimates(self.neighbours_t, self.conditions_t) if self.conditioned else None
 
             def condition(items: np.ndarray):
                 index = torch.as_tensor(items, device=self.device)
-                return estimates(index // n_slices, index % n_slices)
+                parts = [] if estimates is None else [estimates(index // n_slices, index % n_slices)]
+                if self.guide_t is not None:
+                    parts.append(self.guide_t[index % n_slices][:, None])
+                return torch.cat(parts, dim=1)
         # interleaved shards of the slices sorted by state: every rank gets as many long chains as short.
         # A shard in slice order: one process then holds no reordered copy of the shell (the sampler
         # batches by state itself)
@@ -625,6 +654,16 @@ class ShellJob:
         run.timed(f"inference_{name}", time.monotonic() - started)
         run.save_record()
         return denoised, curves
+
+
+def b0_guided_shells(settings: Settings, shells: list[Shell], b0_count: int) -> list[Shell]:
+    """The shells whose Stage I and F see the mean b0 (``Settings.b0_guide``): the diffusion-weighted
+    shells, with "auto" those of fewer than AUTO_CONDITION_MIN_VOLUMES volumes; none with the paper's
+    method or without a b0 in the input."""
+    if settings.b0_guide == "off" or settings.method != "directional" or not b0_count:
+        return []
+    return [shell for shell in shells if not shell.is_b0
+            and (settings.b0_guide == "on" or len(shell.indices) < AUTO_CONDITION_MIN_VOLUMES)]
 
 
 def scan_noise_sigma(dwi: DWI, settings: Settings) -> tuple[float | None, str, list[str]]:

@@ -13,8 +13,8 @@ and ``s = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab')``; with eta = 1 and 
 exactly DDPM's posterior q(S_k-1 | S_k, x0).
 
 Slices are sorted by state and run many per batch; each sample follows its own state sequence. A
-conditioned F (``ddm2.stage3``) gets each slice's Stage I estimate as a second input channel, the same
-at every step.
+conditioned F (``ddm2.stage3``) gets each slice's Stage I estimate as an input channel beside the state,
+and a guided F the guide's slice (the mean b0), the same at every step.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def state_sequences(states: np.ndarray, sampler: str, steps: int | None) -> np.n
 def predict_clean(model: nn.Module, state: torch.Tensor, level: torch.Tensor, flips: bool,
                   condition: torch.Tensor | None = None) -> torch.Tensor:
     """F's prediction of S_0, optionally averaged over the four flips (the authors' test-time ensemble);
-    ``condition`` (B, 1, H, W) is a conditioned F's second channel."""
+    ``condition`` (B, C, H, W): F's condition channels, after the state's."""
     inputs = state if condition is None else torch.cat([state, condition], dim=1)
     if not flips:
         return model(inputs, noise_level=level).float()
@@ -90,7 +90,8 @@ def denoise_slices(model: nn.Module, noisy: np.ndarray, states: np.ndarray, sche
     noisy : (S, H, W) slices in normalised units.
     states : (S,) matched states, all >= 1.
     items : indices of the slices to denoise (default all), in the order of the returned rows.
-    condition : for a conditioned F, slice indices -> their Stage I estimates (B, 1, H, W) on ``device``.
+    condition : for a conditioned or guided F, slice indices -> its condition channels (B, C, H, W) on
+        ``device`` (their Stage I estimates, the guide's slices).
     on_batch : called with (slices done, slices total) after each batch (progress, cancellation).
 
     Returns

@@ -56,7 +56,8 @@ def held_out_items(n_items: int, share: float, seed: int) -> np.ndarray:
 
 
 def squared_error_sum(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor,
-                      conditions: torch.Tensor | None, items: np.ndarray, batch_size: int, context: int = 0) -> float:
+                      conditions: torch.Tensor | None, items: np.ndarray, batch_size: int, context: int = 0,
+                      guide: torch.Tensor | None = None) -> float:
     """Sum over the slices ``items`` of the mean squared error of Stage I's estimate against the noisy
     slice (0 for no items); divided by the number of slices, the held-out loss."""
     n_slices = slices.shape[1]
@@ -64,7 +65,7 @@ def squared_error_sum(model: nn.Module, slices: torch.Tensor, neighbours: torch.
     for start in range(0, len(items), batch_size):
         batch = torch.as_tensor(items[start:start + batch_size], device=slices.device)
         volumes, slice_index = batch // n_slices, batch % n_slices
-        estimate = estimate_batch(model, slices, neighbours, conditions, volumes, slice_index, context)
+        estimate = estimate_batch(model, slices, neighbours, conditions, volumes, slice_index, context, guide)
         total += float(torch.sum(torch.mean((estimate[:, 0] - slices[volumes, slice_index]) ** 2, dim=(1, 2))))
     return total
 
@@ -76,9 +77,10 @@ def random_flips(tensors: list[torch.Tensor], randomness: Randomness) -> list[to
     return [t.flip(dims) for t in tensors] if dims else tensors
 
 
-def input_channels(n: int, context: int) -> int:
-    """Channels of Stage I's input: n neighbours x (2K + 1) slices, plus 2K slices of the target."""
-    return n * (2 * context + 1) + 2 * context
+def input_channels(n: int, context: int, guided: bool = False) -> int:
+    """Channels of Stage I's input: n neighbours x (2K + 1) slices, plus 2K slices of the target, plus
+    2K + 1 slices of the guide when there is one."""
+    return (n + guided) * (2 * context + 1) + 2 * context
 
 
 def usable_context(context: int, n_slices: int) -> int:
@@ -94,9 +96,10 @@ def _mirror(index: torch.Tensor, n_slices: int) -> torch.Tensor:
 
 
 def stage1_inputs(slices: torch.Tensor, neighbours: torch.Tensor, volumes: torch.Tensor,
-                  slice_index: torch.Tensor, context: int = 0) -> torch.Tensor:
-    """(B, input_channels(n, context), H, W): the neighbours' slices z - K..z + K, then the target
-    volume's slices z - K, z + K (never slice z of the target; K <= 1, see ``usable_context``)."""
+                  slice_index: torch.Tensor, context: int = 0, guide: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, input_channels(n, context, guide is not None), H, W): the neighbours' slices z - K..z + K,
+    then the target volume's slices z - K, z + K (never slice z of the target; K <= 1, see
+    ``usable_context``), then the guide's (Z, H, W) slices z - K..z + K."""
     n_slices = slices.shape[1]
     offsets = torch.arange(-context, context + 1, device=slices.device)
     around = _mirror(slice_index[:, None] + offsets[None, :], n_slices)  # (B, 2K + 1)
@@ -105,16 +108,18 @@ def stage1_inputs(slices: torch.Tensor, neighbours: torch.Tensor, volumes: torch
     if context:
         own = around[:, offsets != 0]
         parts.append(slices[volumes[:, None], own])
+    if guide is not None:
+        parts.append(guide[around])
     return torch.cat(parts, dim=1)
 
 
 def stage1_batch_loss(model: nn.Module, sampler: SliceSampler, neighbours: torch.Tensor,
-                      conditions: torch.Tensor | None, context: int = 0):
+                      conditions: torch.Tensor | None, context: int = 0, guide: torch.Tensor | None = None):
     """The loss closure of one Stage I step: MSE(Phi(neighbours), noisy target)."""
 
     def batch_loss(randomness: Randomness) -> torch.Tensor:
         volumes, slice_index = sampler.draw(randomness)
-        inputs = stage1_inputs(sampler.slices, neighbours, volumes, slice_index, context)
+        inputs = stage1_inputs(sampler.slices, neighbours, volumes, slice_index, context, guide)
         target = sampler.slices[volumes, slice_index][:, None]
         inputs, target = random_flips([inputs, target], randomness)
         condition = conditions[volumes] if conditions is not None else None
@@ -125,10 +130,11 @@ def stage1_batch_loss(model: nn.Module, sampler: SliceSampler, neighbours: torch
 
 @torch.no_grad()
 def estimate_batch(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, conditions: torch.Tensor | None,
-                   volumes: torch.Tensor, slice_index: torch.Tensor, context: int = 0) -> torch.Tensor:
+                   volumes: torch.Tensor, slice_index: torch.Tensor, context: int = 0,
+                   guide: torch.Tensor | None = None) -> torch.Tensor:
     """Stage I's estimate (B, 1, H, W) of the slices (volumes, slice_index) from the neighbours in
     ``neighbours`` (any table of the shell: Stage III also asks for a second, disjoint one)."""
-    inputs = stage1_inputs(slices, neighbours, volumes, slice_index, context)
+    inputs = stage1_inputs(slices, neighbours, volumes, slice_index, context, guide)
     condition = conditions[volumes] if conditions is not None else None
     with autocast(slices.device):
         return model(inputs, condition=condition).float()
@@ -136,7 +142,8 @@ def estimate_batch(model: nn.Module, slices: torch.Tensor, neighbours: torch.Ten
 
 @torch.no_grad()
 def predict(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, conditions: torch.Tensor | None,
-            batch_size: int, context: int = 0, items: np.ndarray | None = None) -> np.ndarray:
+            batch_size: int, context: int = 0, items: np.ndarray | None = None,
+            guide: torch.Tensor | None = None) -> np.ndarray:
     """Stage I's estimate of the slices ``items`` (flat indices volume * Z + slice; default every slice
     of the shell), (len(items), H, W) float32, computed once."""
     model.eval()
@@ -145,6 +152,7 @@ def predict(model: nn.Module, slices: torch.Tensor, neighbours: torch.Tensor, co
     estimate = np.empty((len(index), *slices.shape[2:]), dtype=np.float32)
     for start in range(0, len(index), batch_size):
         batch = index[start:start + batch_size]
-        output = estimate_batch(model, slices, neighbours, conditions, batch // n_slices, batch % n_slices, context)
+        output = estimate_batch(model, slices, neighbours, conditions, batch // n_slices, batch % n_slices, context,
+                                guide)
         estimate[start:start + len(batch)] = output[:, 0].cpu().numpy()
     return estimate

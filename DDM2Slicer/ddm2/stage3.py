@@ -56,7 +56,7 @@ def shuffle_pixels(noise: torch.Tensor, randomness: Randomness) -> torch.Tensor:
 def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.Tensor, states: torch.Tensor,
                       schedule: DiffusionSchedule,
                       independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                      sigma: torch.Tensor | None = None):
+                      sigma: torch.Tensor | None = None, guide: torch.Tensor | None = None):
     """The loss closure of one Stage III step.
 
     Parameters
@@ -68,12 +68,15 @@ def stage3_batch_loss(model: nn.Module, sampler: SliceSampler, estimate: torch.T
         from the disjoint neighbours; the state is built from it and ``estimate`` is F's second channel.
     sigma : (V,) noise level of each volume in units of its maximum, for the signal target
         (``target_error``); None: the noisy slice is the target, as in the paper.
+    guide : (Z, H, W) slices whose noise is independent of every target's (the mean b0,
+        ``ddm2.data.b0_guide_slices``): slice z is F's last channel.
     """
     sqrt_alpha_bar = torch.as_tensor(schedule.sqrt_alpha_bar, dtype=torch.float32, device=estimate.device)
 
     def batch_loss(randomness: Randomness) -> torch.Tensor:
         volumes, slice_index = sampler.draw(randomness)
-        noisy, y_bar, condition = slice_triplet(sampler.slices, estimate, volumes, slice_index, independent_estimate)
+        noisy, y_bar, condition = slice_triplet(sampler.slices, estimate, volumes, slice_index, independent_estimate,
+                                                guide)
         if condition is None:
             noisy, y_bar = random_flips([noisy, y_bar], randomness)
         else:
@@ -136,13 +139,20 @@ def signal_target_terms(output: torch.Tensor, noisy: torch.Tensor,
 
 
 def slice_triplet(slices: torch.Tensor, estimate: torch.Tensor, volumes: torch.Tensor, slice_index: torch.Tensor,
-                  independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None):
-    """(noisy slice, the estimate its state is built from, F's condition or None), each (B, 1, H, W)."""
+                  independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+                  guide: torch.Tensor | None = None):
+    """(noisy slice, the estimate its state is built from, each (B, 1, H, W); F's condition (B, C, H, W)
+    or None): conditioned on Stage I, the state comes from the independent estimate and the estimate
+    is a condition channel; the guide's slice, if any, is the last."""
     noisy = slices[volumes, slice_index][:, None]
     y_bar = estimate[volumes, slice_index][:, None]
-    if independent_estimate is None:
-        return noisy, y_bar, None
-    return noisy, independent_estimate(volumes, slice_index), y_bar
+    condition = []
+    if independent_estimate is not None:
+        condition.append(y_bar)
+        y_bar = independent_estimate(volumes, slice_index)
+    if guide is not None:
+        condition.append(guide[slice_index][:, None])
+    return noisy, y_bar, torch.cat(condition, dim=1) if condition else None
 
 
 def training_inputs(noisy: torch.Tensor, y_bar: torch.Tensor, condition: torch.Tensor | None,
@@ -172,7 +182,7 @@ def training_inputs(noisy: torch.Tensor, y_bar: torch.Tensor, condition: torch.T
 def held_out_squared_error_sum(model: nn.Module, slices: torch.Tensor, estimate: torch.Tensor, states: torch.Tensor,
                                schedule: DiffusionSchedule, items: np.ndarray, batch_size: int, seed: int,
                                independent_estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                               sigma: torch.Tensor | None = None) -> float:
+                               sigma: torch.Tensor | None = None, guide: torch.Tensor | None = None) -> float:
     """Sum over the slices ``items`` of F's mean error against its target (``target_error``), from a training
     input at the slice's matched state t* (where inference starts) with pixel shuffles drawn from
     ``seed`` (the same at every call, so that calls during training compare). On slices F never
@@ -184,7 +194,7 @@ def held_out_squared_error_sum(model: nn.Module, slices: torch.Tensor, estimate:
     for start in range(0, len(items), batch_size):
         batch = torch.as_tensor(items[start:start + batch_size], device=slices.device)
         volumes, slice_index = batch // n_slices, batch % n_slices
-        noisy, y_bar, condition = slice_triplet(slices, estimate, volumes, slice_index, independent_estimate)
+        noisy, y_bar, condition = slice_triplet(slices, estimate, volumes, slice_index, independent_estimate, guide)
         inputs, level = training_inputs(noisy, y_bar, condition, states[volumes, slice_index], sqrt_alpha_bar,
                                         randomness, at_matched_state=True)
         with autocast(slices.device):
