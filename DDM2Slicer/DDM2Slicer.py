@@ -63,6 +63,7 @@ class DDM2SlicerParameterNode:
     preset: Annotated[str, Choice(list(engine.PRESET_ARGUMENTS))] = "quick preview"
     device: Annotated[str, Choice(list(engine.DEVICE_ARGUMENTS))] = "auto"
     noiseSigma: Annotated[float, WithinRange(0.0, 1.0e9)] = 0.0
+    b0Guide: Annotated[str, Choice(list(engine.B0_GUIDE_ARGUMENTS))] = "auto"
     outputVolume: vtkMRMLDiffusionWeightedVolumeNode
     residualVolume: vtkMRMLScalarVolumeNode
     faVolume: vtkMRMLScalarVolumeNode
@@ -314,7 +315,8 @@ class DDM2SlicerLogic(ScriptedLoadableModuleLogic):
     def settingsFromParameterNode(parameters: DDM2SlicerParameterNode) -> engine.DenoiseSettings:
         return engine.DenoiseSettings(neighbours=parameters.neighbours, stage1Steps=parameters.stage1Steps,
                                       stage3Steps=parameters.stage3Steps, preset=parameters.preset,
-                                      device=parameters.device, noiseSigma=parameters.noiseSigma)
+                                      device=parameters.device, noiseSigma=parameters.noiseSigma,
+                                      b0Guide=parameters.b0Guide)
 
     def log(self, text: str) -> None:
         if self.logCallback:

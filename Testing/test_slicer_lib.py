@@ -51,12 +51,13 @@ def test_progress_text_names_the_stage_step_loss_and_eta():
 
 def test_command_line_follows_the_engine_contract(tmp_path):
     settings = engine.DenoiseSettings(neighbours=3, stage1Steps=10, stage3Steps=20, preset="paper settings",
-                                      device="GPU", noiseSigma=410.5, seed=7)
+                                      device="GPU", noiseSigma=410.5, b0Guide="off", seed=7)
     command = engine.denoiseCommand("PythonSlicer", tmp_path / "in.nrrd", tmp_path / "run", settings, resume=True)
     assert command == ["PythonSlicer", "-m", "ddm2", "denoise", str(tmp_path / "in.nrrd"), "--out", str(tmp_path / "run"),
                        "--n", "3", "--stage1-steps", "10", "--stage3-steps", "20", "--preset", "paper",
                        "--sampler", "ddpm", "--no-flips",
-                       "--device", "cuda", "--noise-sigma", "410.5", "--seed", "7", "--progress", "json", "--resume"]
+                       "--device", "cuda", "--b0-guide", "off", "--noise-sigma", "410.5", "--seed", "7", "--progress",
+                       "json", "--resume"]
     assert engine.DenoiseSettings().arguments()[:2] == ["--n", "auto"]  # the panel's default, 0
     environment = engine.engineEnvironment({"PYTHONPATH": "/elsewhere"}, forceCpu=True)
     assert environment["PYTHONPATH"].split(":")[0] == str(ROOT / "DDM2Slicer")

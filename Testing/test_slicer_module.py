@@ -44,12 +44,14 @@ def panelRun():
     inputNode.SetAttribute("DWMRI_gradient_0099", "1 0 0")  # a stale key that must not reach the output
     ui = widget.ui
     record = {"noiseSigmaText": ui.noiseSigmaSpinBox.text,  # 0: measured on the background
-              "neighboursText": ui.neighboursSpinBox.text}  # 0: auto
+              "neighboursText": ui.neighboursSpinBox.text,  # 0: auto
+              "b0GuideText": ui.b0GuideComboBox.currentText}
     ui.neighboursSpinBox.value = 2
     ui.stage1StepsSpinBox.value = 6
     ui.stage3StepsSpinBox.value = 2
     ui.noiseSigmaSpinBox.value = 20.0  # the synthetic DWI's noise: it has no background to measure it on
     ui.deviceComboBox.currentIndex = list(engine.DEVICE_ARGUMENTS).index("CPU")
+    ui.b0GuideComboBox.currentIndex = list(engine.B0_GUIDE_ARGUMENTS).index("off")
     settingsFromPanel = widget.currentSettings
     widget.currentSettings = lambda: engine.DenoiseSettings(**{**vars(settingsFromPanel()), "seed": 0})
     events = []
@@ -78,6 +80,7 @@ def test_apply_becomes_cancel_and_shows_stage_progress(panelRun):
     widget, _, events, record = panelRun
     assert record["applyTextBeforeRun"] == "Apply"
     assert record["noiseSigmaText"] == "measured" and record["neighboursText"] == "auto"
+    assert record["b0GuideText"] == "auto"
     assert record["applyTextWhileRunning"] == "Cancel"
     assert "Stage I" in record["progressFormat"]
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
@@ -93,6 +96,7 @@ def test_cancel_leaves_a_resumable_run_that_resume_finishes(panelRun):
     assert "--resume" in record["resumeCommand"]
     command = record["resumeCommand"]
     assert command[command.index("--noise-sigma") + 1] == "20.0"  # from the panel's field
+    assert command[command.index("--b0-guide") + 1] == "off"  # from the panel's combo box
     assert "noise sigma 20 (given): Stage III estimates the signal" in widget.ui.logTextEdit.plainText
     assert record["done"].state == jobs.DONE
     assert [e["event"] for e in events].count("start") == 2

@@ -32,6 +32,8 @@ PRESET_ARGUMENTS = {
     "paper settings": ("--preset", "paper", "--sampler", "ddpm", "--no-flips"),
 }
 DEVICE_ARGUMENTS = {"auto": "auto", "GPU": "cuda", "CPU": "cpu"}
+# The b0 guide (the engine's --b0-guide): "auto" guides shells of fewer than 30 directions
+B0_GUIDE_ARGUMENTS = {"auto": "auto", "every shell": "on", "off": "off"}
 
 # Training steps each preset puts in the panel. "paper settings" are the DDM2 paper's HARDI
 # configuration (Stage I 10k, Stage III 100k iterations); "quick preview" trades quality for minutes.
@@ -57,6 +59,7 @@ class DenoiseSettings:
     preset: str = "quick preview"
     device: str = "auto"
     noiseSigma: float = 0.0  # the noise's sigma in the scan's units for the signal target; 0: measured
+    b0Guide: str = "auto"  # a key of B0_GUIDE_ARGUMENTS
     seed: int | None = None
     # Further engine options, passed through as given (e.g. ("--sampler", "ddim")).
     extraArguments: tuple[str, ...] = ()
@@ -69,6 +72,7 @@ class DenoiseSettings:
             "--stage3-steps", str(self.stage3Steps),
             *PRESET_ARGUMENTS[self.preset],
             "--device", DEVICE_ARGUMENTS[self.device],
+            "--b0-guide", B0_GUIDE_ARGUMENTS[self.b0Guide],
         ]
         if self.noiseSigma:
             arguments += ["--noise-sigma", str(self.noiseSigma)]
