@@ -10,6 +10,9 @@ Cases (all with Rician noise at each --snr, scored inside the brain mask):
   hardi55x   hardi55 with every fitted tensor explained as two crossing fibres of the same mean tensor
              (ddm2.semisynthetic.two_fibre_signal): a truth beyond the single tensor, less low-rank.
   clinical6  the same anatomy on a clinical few-direction table: 1 b0 + 6 directions at b = 1000.
+  clinical6-moved  clinical6 with its b0 acquired 2 voxels right and 1.5 voxels forward of the
+             diffusion-weighted volumes (an uncorrected head motion; fresh noise on the moved b0): what
+             the b0 guide does when the b0 is not aligned with the volumes it guides.
 
 Each combination is one run directory (resumed if it exists); DDM2 is scored with the run's sampler and,
 re-using its trained networks, with every --extra-sampler (e.g. ddpm: the paper's every-state chain).
@@ -25,8 +28,12 @@ import itertools
 import json
 import platform
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
 
 from resample import resample_scores
 
@@ -34,8 +41,8 @@ from ddm2 import dwi as dwi_io
 from ddm2.cli import neighbour_count
 from ddm2.demo import run_with_truth
 from ddm2.maps import dti_maps
-from ddm2.phantom import Phantom, default_gradient_table, dipy_gradient_table, make_phantom
-from ddm2.pipeline import STAGE3_CONDITIONS, Settings
+from ddm2.phantom import Phantom, add_rician_noise, default_gradient_table, dipy_gradient_table, make_phantom
+from ddm2.pipeline import B0_GUIDES, STAGE3_CONDITIONS, Settings
 from ddm2.progress import Reporter
 from ddm2.semisynthetic import resynthesise, with_b0_volumes
 
@@ -49,11 +56,27 @@ def make_case(case: str, snr: float, seed: int) -> Phantom:
     scan = dwi_io.load(SCAN).cropped(*SLAB)
     if case in ("hardi55", "hardi55x"):
         bvals, bvecs = with_b0_volumes(*dipy_gradient_table("55dir_grad"), n_b0=5)
-    elif case == "clinical6":
+    elif case in ("clinical6", "clinical6-moved"):
         bvals, bvecs = default_gradient_table(n_b0=1, n_directions=6, b_value=1000.0)
     else:
-        raise SystemExit(f"unknown case {case!r}: use phantom, hardi55, hardi55x or clinical6")
-    return resynthesise(scan, bvals, bvecs, snr, seed=seed, fibres=2 if case == "hardi55x" else 1)
+        raise SystemExit(f"unknown case {case!r}: use phantom, hardi55, hardi55x, clinical6 or clinical6-moved")
+    made = resynthesise(scan, bvals, bvecs, snr, seed=seed, fibres=2 if case == "hardi55x" else 1)
+    return with_moved_b0(made, B0_MOTION, seed + 1) if case == "clinical6-moved" else made
+
+
+B0_MOTION = (2.0, 1.5, 0.0)  # voxels: clinical6-moved's b0 against its diffusion-weighted volumes
+
+
+def with_moved_b0(case: Phantom, shift: tuple[float, float, float], seed: int) -> Phantom:
+    """The case with its b = 0 truth shifted by ``shift`` voxels (cubic spline) and noised anew at the
+    same sigma; the diffusion-weighted volumes, the mask and the scores (which skip b = 0) unchanged."""
+    b0 = case.truth.bvals == 0
+    truth = case.truth.data.copy()
+    for volume in np.flatnonzero(b0):
+        truth[..., volume] = np.clip(ndimage.shift(truth[..., volume], shift, order=3, mode="nearest"), 0, None)
+    noisy = case.noisy.data.copy()
+    noisy[..., b0] = add_rician_noise(truth[..., b0], case.sigma, seed)
+    return replace(case, truth=case.truth.with_data(truth), noisy=case.noisy.with_data(noisy))
 
 
 def markdown_tables(results: Path) -> str:
@@ -65,13 +88,15 @@ def markdown_tables(results: Path) -> str:
         if "case" in record:  # lines of the earlier phantom-only script have no case
             scores = {**record["scores"], **{f"DDM2, {config}": extra
                                              for config, extra in record.get("extra_samplers", {}).items()}}
-            key = (record["case"], record["n"], record["method"], record.get("stage3_condition", "none"))
+            key = (record["case"], record["n"], record["method"], record.get("stage3_condition", "none"),
+                   record.get("b0_guide", "off"), record.get("seed", 0))
             groups.setdefault(key, {})[record["snr"]] = scores
     tables = []
-    for (case, n, method, condition), by_snr in groups.items():
+    for (case, n, method, condition, guided, seed), by_snr in groups.items():
         snrs = sorted(by_snr)
         names = list(dict.fromkeys(name for scores in by_snr.values() for name in scores))
-        lines = [f"**{case}**, n = {n}, {method}, Stage III condition: {condition}", "",
+        lines = [f"**{case}**, n = {n}, {method}, Stage III condition: {condition}"
+                 + (f", b0 guide {guided}" if guided != "off" else "") + (f", seed {seed}" if seed else ""), "",
                  "| method | " + " | ".join(f"SNR {snr:g}" for snr in snrs) + " |",
                  "| --- |" + " --- |" * len(snrs)]
         for name in names:
@@ -111,9 +136,16 @@ def main() -> None:
     parser.add_argument("--flips", action=argparse.BooleanOptionalAction, default=False,
                         help="the run's sampler averages over the 4 flips (default off here, as in every "
                              "recorded command; ddm2's default is on: score it with --extra-samplers ddim:1:flips)")
+    parser.add_argument("--b0-guide", choices=B0_GUIDES, default="off",
+                        help="as ddm2's (default off here, as in every command recorded before it existed; "
+                             "ddm2's default is auto)")
     parser.add_argument("--sigma-error", type=float, nargs="+", default=[0.0],
                         help="give the signal target the true sigma times each of these factors instead of "
                              "measuring it on the background (0: measure it, the default)")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0],
+                        help="training seeds (each network's initial weights, batches, held-out slices and "
+                             "sampling noise); the case's noise is always drawn with seed 0, so runs of "
+                             "several seeds measure how far a score moves with the training's randomness alone")
     parser.add_argument("--extra-samplers", nargs="*", default=[], help="e.g. ddpm ddim:20:flips")
     parser.add_argument("--no-baselines", action="store_true", help="skip dipy's MP-PCA and Patch2Self")
     parser.add_argument("--device", default="auto")
@@ -124,20 +156,22 @@ def main() -> None:
         print(markdown_tables(args.out / "results.jsonl"))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    for case, snr, n, method, sigma_error in itertools.product(args.case, args.snr, args.n, args.method,
-                                                                args.sigma_error):
+    for case, snr, n, method, sigma_error, seed in itertools.product(args.case, args.snr, args.n, args.method,
+                                                                      args.sigma_error, args.seed):
         truth_case = make_case(case, snr, seed=Settings().seed)
-        settings = Settings(n=n, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps, method=method,
-                            holdout=args.holdout, target=args.target,
+        settings = Settings(n=n, seed=seed, stage1_steps=args.stage1_steps, stage3_steps=args.stage3_steps,
+                            method=method, holdout=args.holdout, target=args.target,
                             stage3_condition=args.stage3_condition, sampler=args.sampler,
                             sampling_steps=args.sampling_steps, flips=args.flips, save_stage1=True,
-                            noise_sigma=sigma_error * truth_case.sigma)
+                            noise_sigma=sigma_error * truth_case.sigma, b0_guide=args.b0_guide)
         condition = args.stage3_condition
         # runs of the paper's F keep the names they had before the conditioned F existed
         suffix = {"none": "", "stage1": "-conditioned", "auto": "-auto"}[condition]
         # and runs of the mean target the names they had before the signal target existed
         suffix += {"mean": "", "signal": "-signal", "auto": "-target-auto"}[args.target]
         suffix += f"-sigma{sigma_error:g}" if sigma_error else ""
+        suffix += {"off": "", "on": "-guided", "auto": "-guide-auto"}[args.b0_guide]
+        suffix += f"-seed{seed}" if seed else ""
         run_dir = args.out / f"{case}-snr{snr:g}-n{n}-{method}{suffix}"
         started = time.monotonic()
         table = run_with_truth(truth_case, run_dir, settings, Reporter(), title=f"{case}, SNR {snr:g}",
@@ -154,7 +188,7 @@ def main() -> None:
         record = {"case": case, "shape": list(truth.data.shape), "snr": snr, "n": n, "method": method,
                   "stage3_condition": condition, "holdout": args.holdout, "target": args.target,
                   "noise_sigma": json.loads((run_dir / "run.json").read_text()).get("noise_sigma"),
-                  "sigma_error": sigma_error,
+                  "sigma_error": sigma_error, "b0_guide": args.b0_guide, "seed": seed,
                   "stage1_steps": args.stage1_steps, "stage3_steps": args.stage3_steps, "sampler": args.sampler,
                   "sampling_steps": args.sampling_steps, "seconds": seconds, "machine": platform.node(),
                   "date": date.today().isoformat(), "scores": scores, "extra_samplers": extra}
