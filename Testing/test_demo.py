@@ -11,7 +11,7 @@ import numpy as np
 from ddm2.cli import main
 from ddm2.phantom import make_phantom
 
-ARGS = ["--stage1-steps", "150", "--stage3-steps", "150", "--device", "cpu"]
+ARGS = ["--stage1-steps", "100", "--stage3-steps", "100", "--device", "cpu"]
 
 
 def test_demo_scores_every_method_and_resumes_its_own_run(tmp_path, capsys):
@@ -21,7 +21,8 @@ def test_demo_scores_every_method_and_resumes_its_own_run(tmp_path, capsys):
     scores = json.loads((out / "demo_scores.json").read_text())["scores"]
     assert list(scores) == ["noisy", "MP-PCA", "Patch2Self", "Stage I", "DDM2"]
     assert all(name in printed for name in scores)
-    # even at 150 + 150 steps the DDM2 output is clearly closer to the truth than the noisy input
+    # even at 100 + 100 steps the DDM2 output is clearly closer to the truth than the noisy input (measured:
+    # +4.3 dB, +0.195 SSIM)
     assert scores["DDM2"]["psnr_db"] > scores["noisy"]["psnr_db"] + 2.0, scores
     assert scores["DDM2"]["ssim"] > scores["noisy"]["ssim"] + 0.1, scores
     assert (out / "report.png").stat().st_size > 50_000 and (out / "report.html").is_file()
