@@ -22,7 +22,7 @@ from ddm2 import dwi as dwi_io
 from ddm2.cli import main
 from ddm2.data import group_shells
 from ddm2.phantom import default_gradient_table, make_phantom
-from ddm2.pipeline import Settings, b0_guided_shells
+from ddm2.pipeline import Settings, b0_guided_shells, b0_snr
 from ddm2.progress import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK
 from ddm2.stage1 import input_channels
 from paths import PHILIPS, needs_philips
@@ -152,16 +152,24 @@ def test_the_b0_guide_feeds_the_weighted_shells_stage1_and_f_of_the_directional_
     assert weights["input.weight"].shape[1] == stage3_channels
 
 
-def test_auto_guides_the_weighted_shells_of_fewer_than_30_directions_of_the_directional_method():
+def test_auto_guides_the_weighted_shells_of_fewer_than_30_directions_at_a_b0_snr_of_at_most_15():
     bvals = np.array([0] * 2 + [1000] * 6 + [2000] * 29 + [3000] * 30, dtype=float)
     shells = group_shells(bvals)
 
-    def guided(guide: str, method: str = "directional", b0_count: int = 2) -> list[str]:
-        return [shell.name for shell in b0_guided_shells(Settings(b0_guide=guide, method=method), shells, b0_count)]
+    def guided(guide: str, snr: float | None = 10.0, method: str = "directional", b0_count: int = 2) -> list[str]:
+        settings = Settings(b0_guide=guide, method=method)
+        return [shell.name for shell in b0_guided_shells(settings, shells, b0_count, snr)]
 
-    assert guided("auto") == ["b1000", "b2000"]
-    assert guided("on") == ["b1000", "b2000", "b3000"]
+    assert guided("auto") == guided("auto", 15.0) == ["b1000", "b2000"]
+    assert guided("auto", 15.1) == guided("auto", None) == []  # a clean scan, or one whose sigma is unknown
+    assert guided("on") == guided("on", 50.0) == guided("on", None) == ["b1000", "b2000", "b3000"]
     assert guided("off") == guided("auto", method="paper") == guided("on", b0_count=0) == []
+
+
+@pytest.mark.parametrize("snr", [5, 20])
+def test_the_b0_snr_is_the_one_the_bench_cases_are_made_with(snr):
+    phantom = make_phantom(snr=snr, seed=0)
+    assert b0_snr(phantom.noisy, phantom.sigma) == pytest.approx(snr, rel=0.1)
 
 
 def test_the_signal_target_takes_the_rician_floor_out_of_low_signal(tmp_path, capsys):
@@ -419,6 +427,9 @@ def test_real_scan_denoises_into_every_output(tmp_path):
     assert "62% of it is exactly 0" in warning and "1.66 times their median" in warning
     assert "1.58 times as high in the b = 0 volumes" in warning
     assert f"warning: {warning}" in completed.stderr
+    # 12 directions, but a clean scan: auto leaves the b0 guide out and says why
+    assert "b1000: not guided by the b0s, whose SNR is 50.7, above 15" in completed.stderr
+    assert record["shells"]["b1000"]["b0_guide"] is False
     events = [json.loads(line) for line in completed.stdout.splitlines()]
     assert [event["message"] for event in events if event["event"] == "warning"] == [warning]
     np.testing.assert_allclose(np.loadtxt(out / "denoised.bval"), source.bvals)

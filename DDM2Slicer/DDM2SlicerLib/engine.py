@@ -32,7 +32,8 @@ PRESET_ARGUMENTS = {
     "paper settings": ("--preset", "paper", "--sampler", "ddpm", "--no-flips"),
 }
 DEVICE_ARGUMENTS = {"auto": "auto", "GPU": "cuda", "CPU": "cpu"}
-# The b0 guide (the engine's --b0-guide): "auto" guides shells of fewer than 30 directions
+# The b0 guide (the engine's --b0-guide): "auto" guides shells of fewer than 30 directions of a noisy
+# scan (b0 SNR at most 15)
 B0_GUIDE_ARGUMENTS = {"auto": "auto", "every shell": "on", "off": "off"}
 
 # Training steps each preset puts in the panel. "paper settings" are the DDM2 paper's HARDI

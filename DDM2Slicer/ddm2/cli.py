@@ -56,8 +56,9 @@ def _add_training(parser: argparse.ArgumentParser, stage1_steps: int, stage3_ste
     group.add_argument("--b0-guide", choices=B0_GUIDES, default=defaults.b0_guide,
                        help="directional method: Stage I and Stage III's network of a weighted shell also see "
                             "the mean of the b0 volumes, whose noise is independent of the target's (default "
-                            "auto: in shells of fewer than 30 directions, where it lifted PSNR and SSIM most; "
-                            "with more it raised the FA error). The b0s must be aligned with the "
+                            "auto: in shells of fewer than 30 directions when the b0s' SNR, measured with the "
+                            "noise sigma, is at most 15: there it lifted PSNR and SSIM; with more directions or a "
+                            "higher SNR it lowered FA). The b0s must be aligned with the "
                             "diffusion-weighted volumes (motion and eddy currents corrected): off otherwise")
     group.add_argument("--holdout", "--stage1-holdout", type=_share, default=defaults.holdout,
                        help="share of each shell's slices Stage I and Stage III do not train on; each stage's loss "

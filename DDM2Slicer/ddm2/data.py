@@ -169,16 +169,21 @@ def normalised_shell_slices(data: np.ndarray, shell: Shell, scales: np.ndarray) 
     return slices
 
 
+def mean_b0(data: np.ndarray, b0_indices: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) float64: the mean of the volumes ``b0_indices`` of ``data``."""
+    mean = np.zeros(data.shape[:3])
+    for volume in b0_indices:  # one volume at a time: no copy of the b0s
+        mean += data[..., int(volume)]
+    return mean / len(b0_indices)
+
+
 def b0_guide_slices(data: np.ndarray, b0_indices: np.ndarray) -> np.ndarray:
     """(Z, H, W) float32: the mean of the b = 0 volumes, mapped to [-1, 1] by its maximum like a volume.
 
     Stage I's and Stage III's guide for the diffusion-weighted shells: the b0s' noise is independent of
     every diffusion-weighted volume's, so both stay J-invariant, and S0 sets the scale of the signal
     along every direction (S = S0 exp(-b g'Dg)), at a higher SNR than any one weighted volume has."""
-    mean = np.zeros(data.shape[:3])
-    for volume in b0_indices:  # one volume at a time: no copy of the b0s
-        mean += data[..., int(volume)]
-    mean /= len(b0_indices)
+    mean = mean_b0(data, b0_indices)
     peak = mean.max() if mean.max() > 0 else 1.0
     return np.transpose(2.0 * mean / peak - 1.0, (2, 0, 1)).astype(np.float32)
 

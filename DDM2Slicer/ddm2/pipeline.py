@@ -42,7 +42,7 @@ import numpy as np
 
 from ddm2 import __version__, distributed
 from ddm2 import dwi as dwi_io
-from ddm2.data import (Shell, b0_guide_slices, gradient_features, group_shells, neighbour_table,
+from ddm2.data import (Shell, b0_guide_slices, gradient_features, group_shells, mean_b0, neighbour_table,
                        normalised_shell_slices, restore_shell_volumes, shell_neighbour_count, volume_scales)
 from ddm2.dwi import DWI, InputError, atomic_path
 from ddm2.noise import NoBackground, floor_signal, measure_background
@@ -57,7 +57,11 @@ AUTO_CONDITION_MIN_VOLUMES = 30
 B0_GUIDES = ("auto", "on", "off")
 # "auto" guides Stage I and F with the mean b0 in shells of fewer than AUTO_CONDITION_MIN_VOLUMES volumes: on
 # 6 directions it gained 0.05-1.3 dB and 0.005-0.12 SSIM; on 30 and 55 it gained PSNR at SNR 5 but raised
-# the FA error above the noisy input's, since F then leans on the isotropic b0 (bench/RESULTS.md)
+# the FA error above the noisy input's, since F then leans on the isotropic b0 (bench/RESULTS.md). And only
+# where the b0s' SNR is at most AUTO_GUIDE_MAX_SNR: on 6 directions it gained 1.1 dB at SNR 5 and 0.6 at 10
+# with no FA cost, 0.05 dB at SNR 20 for an FA error 0.088 -> 0.098; on the Philips scan (SNR 51) it took
+# 0.03 more FA from white matter than the unguided run
+AUTO_GUIDE_MAX_SNR = 15.0
 # added to the seed for each stage's initial weights and training draws, so the two stages draw apart
 STAGE_SEED_OFFSETS = {"stage1": 0, "stage3": 1000}
 # Stage I's held-out loss is measured this many times along its training (about 2 % more compute)
@@ -319,7 +323,17 @@ class Run:
     def b0_guided(self, shells: list[Shell]) -> list[Shell]:
         """``b0_guided_shells`` of this run, said in the log."""
         b0_count = int(self.dwi.b0_mask.sum())
-        guided = b0_guided_shells(self.settings, shells, b0_count)
+        sigma = self.record.get("noise_sigma")
+        snr = None
+        if self.settings.b0_guide == "auto" and b0_count and sigma:
+            snr = b0_snr(self.dwi, sigma)
+        guided = b0_guided_shells(self.settings, shells, b0_count, snr)
+        # the shells auto would guide at a low SNR: said when the SNR left them unguided
+        few_directions = b0_guided_shells(self.settings, shells, b0_count, 0.0)
+        for shell in [shell for shell in few_directions if shell not in guided]:
+            why = "unknown (no noise sigma)" if snr is None else f"{snr:.3g}, above {AUTO_GUIDE_MAX_SNR:g}"
+            self.reporter.log(f"{shell.name}: not guided by the b0s, whose SNR is {why}: there the guide took "
+                              "anisotropy (FA) for little gain (--b0-guide on to guide it)")
         for shell in guided:
             self.reporter.log(f"{shell.name}: Stage I and F also see the mean of {b0_count} b0 volume(s) "
                               f"(--b0-guide {self.settings.b0_guide}; the b0s must be aligned with the volumes)")
@@ -656,14 +670,27 @@ class ShellJob:
         return denoised, curves
 
 
-def b0_guided_shells(settings: Settings, shells: list[Shell], b0_count: int) -> list[Shell]:
+def b0_guided_shells(settings: Settings, shells: list[Shell], b0_count: int,
+                     snr: float | None = None) -> list[Shell]:
     """The shells whose Stage I and F see the mean b0 (``Settings.b0_guide``): the diffusion-weighted
-    shells, with "auto" those of fewer than AUTO_CONDITION_MIN_VOLUMES volumes; none with the paper's
-    method or without a b0 in the input."""
+    shells; with "auto" those of fewer than AUTO_CONDITION_MIN_VOLUMES volumes and only where the b0s'
+    ``snr`` (``b0_snr``) is known and at most AUTO_GUIDE_MAX_SNR; none with the paper's method or
+    without a b0 in the input."""
     if settings.b0_guide == "off" or settings.method != "directional" or not b0_count:
+        return []
+    if settings.b0_guide == "auto" and (snr is None or snr > AUTO_GUIDE_MAX_SNR):
         return []
     return [shell for shell in shells if not shell.is_b0
             and (settings.b0_guide == "on" or len(shell.indices) < AUTO_CONDITION_MIN_VOLUMES)]
+
+
+def b0_snr(dwi: DWI, sigma: float) -> float:
+    """The mean b0 inside the brain mask (``maps.brain_mask``) over the noise's sigma: the SNR by
+    which the bench's cases are made (``phantom.noise_level``)."""
+    from ddm2.maps import brain_mask
+
+    mask = brain_mask(dwi.data, dwi.bvals)
+    return float(mean_b0(dwi.data, np.flatnonzero(dwi.b0_mask))[mask].mean() / sigma)
 
 
 def scan_noise_sigma(dwi: DWI, settings: Settings) -> tuple[float | None, str, list[str]]:
