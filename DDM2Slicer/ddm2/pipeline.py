@@ -84,7 +84,7 @@ class Settings:
     method: str = "directional"  # "paper": adjacent neighbours, no gradient information, no context
     context_slices: int = 1  # Stage I's through-plane context K (directional method only)
     # directional method: Stage I and F of a weighted shell also see the mean b0 (data.b0_guide_slices);
-    # "auto": in shells of fewer than AUTO_CONDITION_MIN_VOLUMES volumes
+    # "auto": in shells of fewer than AUTO_CONDITION_MIN_VOLUMES volumes of a noisy scan (b0_guided_shells)
     b0_guide: str = "auto"
     # share of each shell's slices neither Stage I nor Stage III is trained on: each stage's loss on them
     # picks its training step to keep (early stopping); 0 trains on every slice and keeps the last steps,
@@ -323,14 +323,12 @@ class Run:
     def b0_guided(self, shells: list[Shell]) -> list[Shell]:
         """``b0_guided_shells`` of this run, said in the log."""
         b0_count = int(self.dwi.b0_mask.sum())
+        # the shells the setting guides at a low SNR; auto asks for the b0s' SNR only where there are some
+        candidates = b0_guided_shells(self.settings, shells, b0_count, 0.0)
         sigma = self.record.get("noise_sigma")
-        snr = None
-        if self.settings.b0_guide == "auto" and b0_count and sigma:
-            snr = b0_snr(self.dwi, sigma)
+        snr = b0_snr(self.dwi, sigma) if candidates and self.settings.b0_guide == "auto" and sigma else None
         guided = b0_guided_shells(self.settings, shells, b0_count, snr)
-        # the shells auto would guide at a low SNR: said when the SNR left them unguided
-        few_directions = b0_guided_shells(self.settings, shells, b0_count, 0.0)
-        for shell in [shell for shell in few_directions if shell not in guided]:
+        for shell in [shell for shell in candidates if shell not in guided]:
             why = "unknown (no noise sigma)" if snr is None else f"{snr:.3g}, above {AUTO_GUIDE_MAX_SNR:g}"
             self.reporter.log(f"{shell.name}: not guided by the b0s, whose SNR is {why}: there the guide took "
                               "anisotropy (FA) for little gain (--b0-guide on to guide it)")
